@@ -1,0 +1,143 @@
+"""Autoregressive generation with a KV cache, and a text-level helper."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .sampling import sample
+
+if TYPE_CHECKING:
+    from .model import GPT
+
+
+def _check_sampling_args(max_new_tokens: int, temperature: float) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
+
+
+@torch.no_grad()
+def generate_tokens(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    eos_token: int | None = None,
+    use_cache: bool = True,
+) -> Iterator[torch.Tensor]:
+    """Yield each new (B,) column of token ids as it is sampled.
+
+    With ``use_cache`` each step feeds one position through the model; once the sequence outgrows
+    ``context_length`` the window slides and the cache is rebuilt from the last ``context_length`` tokens,
+    so the output equals the cache-free computation exactly. Stops early when every row has produced
+    ``eos_token``.
+    """
+    _check_sampling_args(max_new_tokens, temperature)
+    if idx.dim() != 2 or idx.shape[1] == 0:
+        raise ValueError(f"idx must be a non-empty (B, T) tensor of token ids, got shape {tuple(idx.shape)}")
+    ctx = model.config.context_length
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=idx.device)
+        gen.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        seq = idx
+        caches = None
+        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits = model(seq[:, -ctx:])[:, -1, :]
+            elif caches is None or seq.shape[1] > ctx:
+                # (Re)fill the cache with the visible window; leave room for one more token.
+                window = seq[:, -ctx:]
+                caches = model.new_kv_caches(seq.shape[0], ctx)
+                logits = model(window, kv_caches=caches)[:, -1, :]
+            else:
+                logits = model(seq[:, -1:], kv_caches=caches)[:, -1, :]
+            if caches is not None and caches[0].length >= ctx:
+                caches = None  # full: the next step slides the window and rebuilds
+            nxt = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                         repetition_penalty=repetition_penalty, prev_tokens=seq if repetition_penalty else None,
+                         generator=gen)
+            if eos_token is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token), nxt)
+                done |= nxt == eos_token
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+            yield nxt
+            if eos_token is not None and bool(done.all()):
+                break
+    finally:
+        model.train(was_training)
+
+
+def generate(model: GPT, idx: torch.Tensor | None = None, max_new_tokens: int | None = None, *,
+             prompt: str | None = None, max_length: int | None = None, tokenizer: Any = None,
+             stop_at_eos: bool = False, **kwargs: Any) -> torch.Tensor | str:
+    """``generate(model, idx, max_new_tokens, ...)`` → ids (B, T + new);
+    ``generate(model, prompt="text", max_length=100, ...)`` → the prompt and its continuation as a string."""
+    if prompt is not None:
+        if idx is not None:
+            raise ValueError("pass either idx (token ids) or prompt (text), not both")
+        n = max_new_tokens if max_new_tokens is not None else max_length if max_length is not None else 100
+        return generate_text(model, prompt, max_new_tokens=n, tokenizer=tokenizer, stop_at_eos=stop_at_eos,
+                             **kwargs)
+    if idx is None or max_new_tokens is None:
+        raise ValueError("generate needs idx and max_new_tokens (or prompt= and max_length= for text)")
+    eos = _eos_of(tokenizer) if stop_at_eos else None
+    cols = list(generate_tokens(model, idx, max_new_tokens, eos_token=eos, **kwargs))
+    return torch.cat([idx, torch.stack(cols, dim=1)], dim=1) if cols else idx
+
+
+def _eos_of(tokenizer: Any) -> int | None:
+    if tokenizer is None:
+        from .tokenizer import get_tokenizer
+
+        tokenizer = get_tokenizer()
+    return getattr(tokenizer, "eot_token", None)
+
+
+def generate_text(model: GPT, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8, *,
+                  tokenizer: Any = None, stop_at_eos: bool = False, on_text: Callable[[str], None] | None = None,
+                  **kwargs: Any) -> str:
+    """The prompt followed by up to ``max_new_tokens`` sampled tokens, as text.
+
+    ``on_text`` receives each decoded piece as it comes (the CLI streams through it). With ``stop_at_eos``
+    generation ends at ``<|endoftext|>``, which is not included in the text.
+    """
+    if tokenizer is None:
+        from .tokenizer import get_tokenizer
+
+        tokenizer = get_tokenizer()
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise ValueError("prompt must not be empty")
+    device = model.transformer.wte.weight.device
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    eos = getattr(tokenizer, "eot_token", None) if stop_at_eos else None
+    out: list[int] = []
+    printed = ""
+    for col in generate_tokens(model, idx, max_new_tokens, temperature=temperature, eos_token=eos, **kwargs):
+        t = int(col[0])
+        if eos is not None and t == eos:
+            break
+        out.append(t)
+        if on_text is not None:
+            text = tokenizer.decode(out)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                on_text(text[len(printed):])
+                printed = text
+    text = tokenizer.decode(out)
+    if on_text is not None and len(text) > len(printed):
+        on_text(text[len(printed):])
+    return prompt + text
