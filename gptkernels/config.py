@@ -41,9 +41,7 @@ class GPTConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.emb_dim % self.n_heads != 0:
-            raise ValueError(
-                f"GPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})"
-            )
+            raise ValueError(f"GPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
         if not 0.0 <= float(self.drop_rate) < 1.0:
             raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate!r}")
         if not self.layer_norm_eps > 0:

@@ -67,9 +67,16 @@ def generate_tokens(
                 logits = model(seq[:, -1:], kv_caches=caches)[:, -1, :]
             if caches is not None and caches[0].length >= ctx:
                 caches = None  # full: the next step slides the window and rebuilds
-            nxt = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                         repetition_penalty=repetition_penalty, prev_tokens=seq if repetition_penalty else None,
-                         generator=gen)
+            nxt = sample(
+                logits,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                min_p=min_p,
+                repetition_penalty=repetition_penalty,
+                prev_tokens=seq if repetition_penalty else None,
+                generator=gen,
+            )
             if eos_token is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_token), nxt)
                 done |= nxt == eos_token
@@ -81,17 +88,24 @@ def generate_tokens(
         model.train(was_training)
 
 
-def generate(model: GPT, idx: torch.Tensor | None = None, max_new_tokens: int | None = None, *,
-             prompt: str | None = None, max_length: int | None = None, tokenizer: Any = None,
-             stop_at_eos: bool = False, **kwargs: Any) -> torch.Tensor | str:
+def generate(
+    model: GPT,
+    idx: torch.Tensor | None = None,
+    max_new_tokens: int | None = None,
+    *,
+    prompt: str | None = None,
+    max_length: int | None = None,
+    tokenizer: Any = None,
+    stop_at_eos: bool = False,
+    **kwargs: Any,
+) -> torch.Tensor | str:
     """``generate(model, idx, max_new_tokens, ...)`` → ids (B, T + new);
     ``generate(model, prompt="text", max_length=100, ...)`` → the prompt and its continuation as a string."""
     if prompt is not None:
         if idx is not None:
             raise ValueError("pass either idx (token ids) or prompt (text), not both")
         n = max_new_tokens if max_new_tokens is not None else max_length if max_length is not None else 100
-        return generate_text(model, prompt, max_new_tokens=n, tokenizer=tokenizer, stop_at_eos=stop_at_eos,
-                             **kwargs)
+        return generate_text(model, prompt, max_new_tokens=n, tokenizer=tokenizer, stop_at_eos=stop_at_eos, **kwargs)
     if idx is None or max_new_tokens is None:
         raise ValueError("generate needs idx and max_new_tokens (or prompt= and max_length= for text)")
     eos = _eos_of(tokenizer) if stop_at_eos else None
@@ -107,9 +121,17 @@ def _eos_of(tokenizer: Any) -> int | None:
     return getattr(tokenizer, "eot_token", None)
 
 
-def generate_text(model: GPT, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8, *,
-                  tokenizer: Any = None, stop_at_eos: bool = False, on_text: Callable[[str], None] | None = None,
-                  **kwargs: Any) -> str:
+def generate_text(
+    model: GPT,
+    prompt: str,
+    max_new_tokens: int = 100,
+    temperature: float = 0.8,
+    *,
+    tokenizer: Any = None,
+    stop_at_eos: bool = False,
+    on_text: Callable[[str], None] | None = None,
+    **kwargs: Any,
+) -> str:
     """The prompt followed by up to ``max_new_tokens`` sampled tokens, as text.
 
     ``on_text`` receives each decoded piece as it comes (the CLI streams through it). With ``stop_at_eos``
@@ -135,9 +157,9 @@ def generate_text(model: GPT, prompt: str, max_new_tokens: int = 100, temperatur
         if on_text is not None:
             text = tokenizer.decode(out)
             if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                on_text(text[len(printed):])
+                on_text(text[len(printed) :])
                 printed = text
     text = tokenizer.decode(out)
     if on_text is not None and len(text) > len(printed):
-        on_text(text[len(printed):])
+        on_text(text[len(printed) :])
     return prompt + text

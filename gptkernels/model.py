@@ -140,8 +140,9 @@ class GPT(nn.Module):
     def new_kv_caches(self, batch: int, max_len: int | None = None) -> list[KVCache]:
         cfg, p = self.config, self.transformer.wte.weight
         n = cfg.context_length if max_len is None else max_len
-        return [KVCache(batch, cfg.n_heads, n, cfg.head_dim, device=p.device, dtype=p.dtype)
-                for _ in range(cfg.n_layers)]
+        return [
+            KVCache(batch, cfg.n_heads, n, cfg.head_dim, device=p.device, dtype=p.dtype) for _ in range(cfg.n_layers)
+        ]
 
     # ---------------------------------------------------------------------------------------------------
     @torch.no_grad()

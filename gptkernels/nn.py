@@ -26,8 +26,16 @@ def _check_kernels(kernels: str) -> str:
 class LayerNorm(nn.LayerNorm):
     """``torch.nn.LayerNorm`` over the last dimension, computed by the fused kernel."""
 
-    def __init__(self, normalized_shape: int, eps: float = 1e-5, bias: bool = True, *, kernels: str = "auto",
-                 device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        normalized_shape: int,
+        eps: float = 1e-5,
+        bias: bool = True,
+        *,
+        kernels: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__(normalized_shape, eps=eps, elementwise_affine=True, bias=bias, device=device, dtype=dtype)
         if len(self.normalized_shape) != 1:
             raise ValueError(f"LayerNorm normalises the last dimension only, got shape {self.normalized_shape}")
@@ -47,8 +55,9 @@ class LayerNorm(nn.LayerNorm):
 class LinearGELU(nn.Linear):
     """``gelu_tanh(x @ W.T + b)``: an ``nn.Linear`` whose bias add is fused into the activation."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, kernels: str = "auto",
-                 device=None, dtype=None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, *, kernels: str = "auto", device=None, dtype=None
+    ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.kernels = _check_kernels(kernels)
 
@@ -72,8 +81,8 @@ class KVCache:
         end = self.length + k.shape[-2]
         if end > self.k.shape[-2]:
             raise RuntimeError(f"KV cache overflow: {end} positions > capacity {self.k.shape[-2]}")
-        self.k[:, :, self.length:end] = k
-        self.v[:, :, self.length:end] = v
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
@@ -81,8 +90,9 @@ class KVCache:
 class CausalSelfAttention(nn.Module):
     """GPT-2's multi-head causal self-attention (``c_attn`` → fused attention → ``c_proj``)."""
 
-    def __init__(self, emb_dim: int, n_heads: int, dropout: float = 0.0, qkv_bias: bool = True, *,
-                 kernels: str = "auto") -> None:
+    def __init__(
+        self, emb_dim: int, n_heads: int, dropout: float = 0.0, qkv_bias: bool = True, *, kernels: str = "auto"
+    ) -> None:
         super().__init__()
         if emb_dim % n_heads != 0:
             raise ValueError(f"emb_dim ({emb_dim}) must be divisible by n_heads ({n_heads})")
@@ -102,8 +112,7 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)  # (B, nh, T_cached, hs)
         p = self.dropout if self.training else 0.0
-        y = ops.attention(q, k, v, causal=True, dropout_p=p, scale=1.0 / math.sqrt(self.head_dim),
-                          backend=self.kernels)
+        y = ops.attention(q, k, v, causal=True, dropout_p=p, scale=1.0 / math.sqrt(self.head_dim), backend=self.kernels)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -118,8 +127,9 @@ class LMHeadLoss(nn.Module):
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """hidden (..., C), weight (V, C), targets (...) int64 → scalar fp32 loss."""
-        return ops.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
-                                        self.ignore_index, backend=self.kernels)
+        return ops.linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), self.ignore_index, backend=self.kernels
+        )
 
 
 def set_kernels(module: nn.Module, kernels: str) -> None:

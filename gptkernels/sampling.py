@@ -33,7 +33,15 @@ def sample_reference(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-           min_p=None, repetition_penalty=None, prev_tokens=None, generator: torch.Generator | None = None,
-           return_logprobs: bool = False):
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p=None,
+    repetition_penalty=None,
+    prev_tokens=None,
+    generator: torch.Generator | None = None,
+    return_logprobs: bool = False,
+):
     return sample_reference(logits, temperature, top_k, top_p, generator)
