@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import importlib.util
 import os
 from collections.abc import Iterator
 
@@ -36,7 +35,9 @@ def env_backend() -> str:
 
 
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    from ._triton import HAS_TRITON
+
+    return HAS_TRITON
 
 
 def interpreter_on() -> bool:
