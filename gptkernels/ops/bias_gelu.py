@@ -1,11 +1,21 @@
-"""Bias + tanh-GELU (GPT-2's MLP activation): PyTorch reference, Triton kernels, launchers, registration."""
+"""Bias + tanh-GELU (GPT-2's MLP activation): PyTorch reference, Triton kernels, launchers, registration.
+
+The kernels walk (BLOCK_M, BLOCK_N) tiles of the (M, N) activations. ``gelu_tanh(z) = z * sigmoid(2u)`` with
+``u = sqrt(2/pi) * (z + 0.044715 z^3)`` (since ``0.5 * (1 + tanh(u)) = sigmoid(2u)``), computed in fp32. The
+backward recomputes ``z = x + bias`` from the saved input, so the forward saves nothing extra; each row of tiles
+writes its column sums of dx to its own row of a (tiles_m, N) fp32 buffer, summed afterwards into dbias
+(no atomics, deterministic).
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from . import _backend
 from ._backend import use_triton
+from ._triton import tl, triton
+from .utils import FLOAT_DTYPES, check_tensor, next_power_of_2, rows_2d
 
 # ---------------------------------------------------------------------------------------------------------
 # Reference
@@ -17,12 +27,230 @@ def bias_gelu_reference(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Ten
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Triton kernels and launchers: TODO(issue 4)
+# Forward kernel
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _bias_gelu_triton(x, bias):
-    raise NotImplementedError("Triton bias+GELU kernel not written yet")
+@triton.jit
+def _gelu_sigmoid(z):
+    """sigmoid(2u) = 0.5 * (1 + tanh(u)), u = sqrt(2/pi) * (z + 0.044715 z^3); fp32 in, fp32 out."""
+    u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+    # exp(-2u) = 2^(-2u * log2(e)); clamped so that very negative z gives 0 without an overflow to inf.
+    e = tl.exp2(tl.minimum(-2.8853900817779268 * u, 126.0))
+    return 1.0 / (1.0 + e)
+
+
+@triton.jit
+def _bias_gelu_fwd_kernel(
+    X,  # (M, N) pre-activation without bias, unit stride along N
+    B,  # (N,) bias (read only when HAS_BIAS)
+    Y,  # (M, N) out: gelu_tanh(X + B), contiguous
+    stride_x,  # elements between rows of X
+    M,
+    N,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # 1-D grid over tiles, column tiles fastest: neighbouring programs read neighbouring memory, and the grid
+    # never meets CUDA's 65535 limit on its second dimension.
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // tiles_n
+    pid_n = pid % tiles_n
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    mask = (rows < M)[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)[:, None]  # M * N may exceed 2**31
+    z = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        z += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    y = z * _gelu_sigmoid(z)
+    tl.store(Y + rows64 * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backward kernel
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bias_gelu_bwd_kernel(
+    DY,  # (M, N) gradient of the output, unit stride along N
+    X,  # (M, N) the forward's input (pre-activation without bias)
+    B,  # (N,) bias (read only when HAS_BIAS)
+    DX,  # (M, N) out: gradient of X, contiguous
+    DB_partial,  # (tiles_m, N) fp32 out: column sums of DX over this program's rows (only when HAS_BIAS)
+    stride_dy,
+    stride_x,
+    M,
+    N,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // tiles_n
+    pid_n = pid % tiles_n
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    mask = (rows < M)[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    z = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        z += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    sig = _gelu_sigmoid(z)
+    # d/dz [z * sigmoid(2u)] = sigmoid(2u) + z * sigmoid(2u) * (1 - sigmoid(2u)) * 2 du/dz
+    du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
+    dx = dy * (sig + 2.0 * z * sig * (1.0 - sig) * du)
+    tl.store(DX + rows64 * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    if HAS_BIAS:
+        # Masked entries have dy = 0, hence dx = 0: they add nothing to the column sums.
+        tl.store(DB_partial + pid_m * N + cols, tl.sum(dx, axis=0), mask=col_ok)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _tile_config(M: int, N: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): up to 256 columns (a warp's row of 16-byte vectors in bf16) and
+    4096 elements per tile, 32 per thread with 4 warps."""
+    block_n = min(256, next_power_of_2(N))
+    block_m = max(1, min(4096 // block_n, next_power_of_2(M)))
+    return block_m, block_n, 4
+
+
+def _bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Launch the forward kernel.
+
+    Args:
+        x: (M, N) pre-activation, fp32/fp16/bf16. bias: (N,) or None.
+    Returns:
+        (M, N) gelu_tanh(x + bias) in x's dtype, contiguous.
+    """
+    x = rows_2d("bias_gelu", "x", x)
+    M, N = x.shape
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y
+    block_m, block_n, num_warps = _tile_config(M, N)
+    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+    _bias_gelu_fwd_kernel[grid](
+        x,
+        bias if bias is not None else x,
+        y,
+        x.stride(0),
+        M,
+        N,
+        HAS_BIAS=bias is not None,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=num_warps,
+    )
+    _backend.record("bias_gelu_fwd")
+    return y
+
+
+def _bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the backward kernel and reduce the per-row-tile partial sums.
+
+    Args:
+        dy: (M, N) gradient of the output. x: (M, N) the forward's input. bias: (N,) or None.
+    Returns:
+        dx (M, N) in x's dtype, dbias (N,) in bias's dtype (an empty (0,) tensor when bias is None).
+    """
+    dy = rows_2d("bias_gelu_backward", "grad", dy)
+    x = rows_2d("bias_gelu_backward", "x", x)
+    M, N = x.shape
+    dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return dx, (torch.zeros_like(bias) if bias is not None else x.new_empty(0))
+    block_m, block_n, num_warps = _tile_config(M, N)
+    tiles_m = triton.cdiv(M, block_m)
+    db_partial = torch.empty((tiles_m, N) if bias is not None else (0,), dtype=torch.float32, device=x.device)
+    _bias_gelu_bwd_kernel[(tiles_m * triton.cdiv(N, block_n),)](
+        dy,
+        x,
+        bias if bias is not None else x,
+        dx,
+        db_partial,
+        dy.stride(0),
+        x.stride(0),
+        M,
+        N,
+        HAS_BIAS=bias is not None,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=num_warps,
+    )
+    _backend.record("bias_gelu_bwd")
+    db = db_partial.sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
+    return dx, db
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch.library registration: opaque to torch.compile, differentiable through register_autograd
+# ---------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("gptkernels::bias_gelu_fwd", mutates_args=())
+def _bias_gelu_fwd_op(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _bias_gelu_fwd(x, bias)
+
+
+@_bias_gelu_fwd_op.register_fake
+def _(x, bias):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("gptkernels::bias_gelu_bwd", mutates_args=())
+def _bias_gelu_bwd_op(
+    dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _bias_gelu_bwd(dy, x, bias)
+
+
+@_bias_gelu_bwd_op.register_fake
+def _(dy, x, bias):
+    return x.new_empty(x.shape), (bias.new_empty(bias.shape) if bias is not None else x.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, bias = inputs
+    ctx.save_for_backward(x, bias)
+
+
+def _backward(ctx, dy):
+    x, bias = ctx.saved_tensors
+    dx, db = _bias_gelu_bwd_op(dy, x, bias)
+    return dx, (db if bias is not None else None)
+
+
+_bias_gelu_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Boundary checks and the Triton path of the public API
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _bias_gelu_triton(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    check_tensor("bias_gelu", "x", x, min_ndim=1)
+    if bias is not None:
+        # bias may be of another float dtype than x (an fp32 parameter with bf16 activations under autocast).
+        check_tensor("bias_gelu", "bias", bias, dtypes=FLOAT_DTYPES, ndim=1, device=x.device)
+        if bias.shape[0] != x.shape[-1]:
+            raise ValueError(
+                f"bias_gelu: bias must have shape ({x.shape[-1]},) to match x's last dimension, got {tuple(bias.shape)}"
+            )
+        bias = bias.contiguous()
+    return _bias_gelu_fwd_op(rows_2d("bias_gelu", "x", x), bias).view(x.shape)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -34,8 +262,8 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None, *, backend: str | None
     """``gelu_tanh(x + bias)``.
 
     Args:
-        x: (..., N) pre-activation without bias (the output of ``x @ W.T``).
-        bias: (N,) or None.
+        x: (..., N) pre-activation without bias (the output of ``x @ W.T``), fp32/fp16/bf16.
+        bias: (N,) or None; may be of another float dtype than ``x`` (its gradient keeps its dtype).
     Returns:
         (..., N), the dtype of ``x``.
     """
