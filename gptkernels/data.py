@@ -478,6 +478,7 @@ def load_tokens(
             val_parts += _open_shards(value, meta, "val")
             stats["documents"] += int(meta.get("documents", 0))
             stats["replaced_bytes"] += int(meta.get("replaced_bytes", 0))
+            stats["skipped_files"] += int(meta.get("skipped_files", 0))
             continue
         if budget is not None and budget <= 0:
             continue
