@@ -7,7 +7,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import _backend
 from ._backend import use_triton
+from ._triton import INTERPRETED, tl, triton
+from .utils import check_tensor, next_power_of_2
 
 # ---------------------------------------------------------------------------------------------------------
 # Reference
@@ -57,12 +60,684 @@ def attention_torch(q, k, v, causal: bool, dropout_p: float, scale: float | None
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Triton kernels and launchers: TODO(issue 4)
+# Triton kernels
+#
+# Layout: q (B, H, Tq, D), k and v (B, H, Tk, D) with any strides (the model passes transposed views); one
+# program per (query tile, batch*head) for the forward and dq, per (key tile, batch*head) for dk/dv. The head
+# dimension is padded to BLOCK_D = max(16, next_pow2(D)) with masked loads (tl.dot needs K >= 16 on GPU).
+# Scores live in log2 units: qk_scale = scale * log2(e), so the softmax uses exp2. The causal mask is aligned
+# to the end: query i sees key j <= i + (Tk - Tq). Each loop over tiles is split so that tiles needing no mask
+# (fully visible, fully inside the sequence) run without the mask arithmetic.
+# ---------------------------------------------------------------------------------------------------------
+
+_LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e)); literal inside the kernels
+
+# fmt: off
+
+
+@triton.jit
+def _load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Load a (rows, cols) tile, zero-filling rows >= n_rows and cols >= n_cols only where asked to check."""
+    if CHECK_ROWS:
+        if CHECK_COLS:
+            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+        else:
+            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+    else:
+        if CHECK_COLS:
+            x = tl.load(ptrs, mask=cols[None, :] < n_cols, other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _dropout_keep(seed, bh, rows, cols, n_cols, dropout_p):
+    """Keep-mask (True = kept) of attention-matrix elements (rows, cols) of head ``bh``; rows/cols broadcast.
+
+    Counter-based: Philox keyed by the seed (the head folded into the key's high word) at counter
+    ``row * n_cols + col``, so the forward, the backward and the debug kernel regenerate the same mask.
+    """
+    key = seed ^ (bh.to(tl.int64) << 32)
+    return tl.rand(key, rows * n_cols + cols) >= dropout_p
+
+
+@triton.jit
+def _attn_fwd_inner(
+    acc, l_i, m_i, q,  # running output (BLOCK_M, BLOCK_D) fp32, row sum and row max (BLOCK_M,), q tile
+    k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,  # this head's k and v
+    offs_m, offs_d, lo, hi,  # query rows of the tile; key range [lo, hi) to visit
+    T_K, shift, qk_scale, seed, bh, dropout_p,
+    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASK: tl.constexpr,  # apply the causal mask and the key bound (diagonal / last tiles)
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k = _load_tile(k_base + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+                       offs_n, T_K, offs_d, HEAD_DIM, MASK, HEAD_PAD)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        if MASK:
+            visible = offs_n[None, :] < T_K
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None] + shift)
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: key 0 is visible to every row and comes first
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)  # normalisation before dropout, like PyTorch
+        acc = acc * alpha[:, None]
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], T_K, dropout_p), p, 0.0)
+        v = _load_tile(v_base + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                       offs_n, T_K, offs_d, HEAD_DIM, MASK, HEAD_PAD)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, SEED,  # O: (B, H, Tq, D) output; LSE: (B, H, Tq) fp32; SEED: (1,) int64, read if DROPOUT
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    H, T_Q, T_K,  # heads, query and key lengths
+    qk_scale, dropout_p,  # softmax scale * log2(e); dropout probability
+    T_Q_BUCKET, T_K_BUCKET,  # next_pow2 of the lengths: autotune keys only
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_PAD: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Last query tiles first: under the causal mask they are the longest, and starting them early balances the
+    # tail of the launch.
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    o_base = O + b * stride_ob + h * stride_oh
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                   offs_m, T_Q, offs_d, HEAD_DIM, True, HEAD_PAD)
+    if DROPOUT:
+        seed = tl.load(SEED)
+    else:
+        seed = 0
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    shift = T_K - T_Q
+    if CAUSAL:
+        full_end = (tl.minimum(start_m + shift + 1, T_K) // BLOCK_N) * BLOCK_N  # tiles every row sees whole
+        hi = tl.minimum(start_m + BLOCK_M + shift, T_K)  # past the last key any row of the tile sees
+    else:
+        full_end = (T_K // BLOCK_N) * BLOCK_N
+        hi = T_K
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, offs_m, offs_d, 0, full_end,
+        T_K, shift, qk_scale, seed, bh, dropout_p,
+        HEAD_DIM, HEAD_PAD, BLOCK_N, DOT_PRECISION, False, CAUSAL, DROPOUT,
+    )
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, offs_m, offs_d, full_end, hi,
+        T_K, shift, qk_scale, seed, bh, dropout_p,
+        HEAD_DIM, HEAD_PAD, BLOCK_N, DOT_PRECISION, True, CAUSAL, DROPOUT,
+    )
+
+    inv_l = 1.0 / l_i
+    if DROPOUT:
+        inv_l = inv_l / (1.0 - dropout_p)  # kept probabilities scaled by 1 / (1 - p)
+    acc = acc * inv_l[:, None]
+    row_ok = offs_m < T_Q
+    # Saved in natural-log units: lse = ln(sum_j exp(scale * q.k_j)) = (m + log2 l) * ln 2.
+    tl.store(LSE + bh.to(tl.int64) * T_Q + offs_m, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, mask=row_ok)
+    o_ptrs = o_base + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
+    if HEAD_PAD:
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    else:
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _attn_bwd_dq_inner(
+    dq, q, do, lse, delta,  # dq accumulator (BLOCK_M, BLOCK_D) fp32; the query tile's q, dO, lse (log2), delta
+    k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+    offs_m, offs_d, lo, hi,
+    T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,  # keep_scale = 1 / (1 - dropout_p)
+    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k = _load_tile(k_base + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+                       offs_n, T_K, offs_d, HEAD_DIM, MASK, HEAD_PAD)
+        v = _load_tile(v_base + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                       offs_n, T_K, offs_d, HEAD_DIM, MASK, HEAD_PAD)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
+        if MASK:
+            visible = offs_n[None, :] < T_K
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None] + shift)
+            p = tl.where(visible, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], T_K, dropout_p)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, O, DO, DQ, LSE, DELTA, SEED,  # DELTA: (B, H, Tq) fp32, written here for the dk/dv kernel
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+    H, T_Q, T_K,
+    sm_scale, qk_scale, dropout_p,
+    T_Q_BUCKET, T_K_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_PAD: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ = scale * dS K with dS = P * (dP - delta), dP = dO V^T (times the dropout mask / (1 - p)).
+
+    Also computes delta = rowsum(dO * O) for its query tile, which the dk/dv kernel (launched next) reads.
+    """
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                   offs_m, T_Q, offs_d, HEAD_DIM, True, HEAD_PAD)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                    offs_m, T_Q, offs_d, HEAD_DIM, True, HEAD_PAD)
+    o = _load_tile(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+                   offs_m, T_Q, offs_d, HEAD_DIM, True, HEAD_PAD)
+    row_ok = offs_m < T_Q
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * T_Q + offs_m, delta, mask=row_ok)
+    # Padded rows get lse 0 and dO 0: their dS is 0, so they add nothing and produce no inf/NaN.
+    lse = tl.load(LSE + bh.to(tl.int64) * T_Q + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    if DROPOUT:
+        seed = tl.load(SEED)
+    else:
+        seed = 0
+
+    keep_scale = 1.0 / (1.0 - dropout_p)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    shift = T_K - T_Q
+    if CAUSAL:
+        full_end = (tl.minimum(start_m + shift + 1, T_K) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(start_m + BLOCK_M + shift, T_K)
+    else:
+        full_end = (T_K // BLOCK_N) * BLOCK_N
+        hi = T_K
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, offs_m, offs_d,
+        0, full_end, T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,
+        HEAD_DIM, HEAD_PAD, BLOCK_N, DOT_PRECISION, False, CAUSAL, DROPOUT,
+    )
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, offs_m, offs_d,
+        full_end, hi, T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,
+        HEAD_DIM, HEAD_PAD, BLOCK_N, DOT_PRECISION, True, CAUSAL, DROPOUT,
+    )
+    dq = dq * sm_scale
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd
+    if HEAD_PAD:
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    else:
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(
+    dk, dv, k, v,  # accumulators (BLOCK_N, BLOCK_D) fp32; the key tile's k and v
+    q_base, do_base, lse_base, delta_base, stride_qt, stride_qd, stride_dot, stride_dod,
+    offs_n, offs_d, lo, hi,  # key rows of the tile; query range [lo, hi) to visit
+    T_Q, T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,  # keep_scale = 1 / (1 - dropout_p)
+    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CHECK_M: tl.constexpr,  # bound-check the query rows (last tile, or the diagonal)
+    MASK: tl.constexpr,  # apply the causal mask
+    DROPOUT: tl.constexpr,
+):
+    offs_m0 = tl.arange(0, BLOCK_M)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m0
+        q = _load_tile(q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                       offs_m, T_Q, offs_d, HEAD_DIM, CHECK_M, HEAD_PAD)
+        do = _load_tile(do_base + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                        offs_m, T_Q, offs_d, HEAD_DIM, CHECK_M, HEAD_PAD)
+        # Padded query rows load q = dO = lse = delta = 0: their P is finite and their dS and P^T dO are 0.
+        if CHECK_M:
+            lse = tl.load(lse_base + offs_m, mask=offs_m < T_Q, other=0.0)
+            delta = tl.load(delta_base + offs_m, mask=offs_m < T_Q, other=0.0)
+        else:
+            lse = tl.load(lse_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
+        # Transposed scores (BLOCK_N, BLOCK_M) so that the accumulations below need no transpose of P.
+        pt = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+                          - lse[None, :] * 1.4426950408889634)
+        if MASK:
+            pt = tl.where(offs_n[:, None] <= offs_m[None, :] + shift, pt, 0.0)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], T_K, dropout_p)
+            pzt = tl.where(keep, pt * keep_scale, 0.0)
+            dpt = tl.where(keep, dpt * keep_scale, 0.0)
+        else:
+            pzt = pt
+        dv = tl.dot(pzt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, SEED,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvt, stride_dvd,
+    H, T_Q, T_K,
+    sm_scale, qk_scale, dropout_p,
+    T_Q_BUCKET, T_K_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_PAD: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dV = (P * Z)^T dO and dK = scale * dS^T Q for one key tile, looping over the query tiles that see it.
+
+    Z is the dropout mask / (1 - p) (all ones without dropout). Keys past T_K are computed but never stored.
+    """
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    lse_base = LSE + bh.to(tl.int64) * T_Q
+    delta_base = DELTA + bh.to(tl.int64) * T_Q
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_tile(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+                   offs_n, T_K, offs_d, HEAD_DIM, True, HEAD_PAD)
+    v = _load_tile(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                   offs_n, T_K, offs_d, HEAD_DIM, True, HEAD_PAD)
+    if DROPOUT:
+        seed = tl.load(SEED)
+    else:
+        seed = 0
+
+    keep_scale = 1.0 / (1.0 - dropout_p)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    shift = T_K - T_Q
+    full_q_end = (T_Q // BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        # Query i sees key j iff i >= j - shift: start at the first tile holding a row that sees start_n, and
+        # mask until the first tile whose rows all see the tile's last key.
+        lo = (tl.maximum(start_n - shift, 0) // BLOCK_M) * BLOCK_M
+        mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qd, stride_dot, stride_dod,
+            offs_n, offs_d, lo, tl.minimum(mid, T_Q), T_Q, T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,
+            HEAD_DIM, HEAD_PAD, BLOCK_M, DOT_PRECISION, True, True, DROPOUT,
+        )
+    else:
+        mid = 0
+    # Tiles every row of which sees every key of this tile: no mask, no bound check...
+    dk, dv = _attn_bwd_dkdv_inner(
+        dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qd, stride_dot, stride_dod,
+        offs_n, offs_d, mid, full_q_end, T_Q, T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,
+        HEAD_DIM, HEAD_PAD, BLOCK_M, DOT_PRECISION, False, False, DROPOUT,
+    )
+    # ...then the last, partial query tile (if the masked loop has not covered it).
+    dk, dv = _attn_bwd_dkdv_inner(
+        dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qd, stride_dot, stride_dod,
+        offs_n, offs_d, tl.maximum(mid, full_q_end), T_Q, T_Q, T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,
+        HEAD_DIM, HEAD_PAD, BLOCK_M, DOT_PRECISION, True, False, DROPOUT,
+    )
+
+    dk = dk * sm_scale
+    col_ok = offs_d[None, :] < HEAD_DIM
+    row_ok = offs_n[:, None] < T_K
+    dk_ptrs = DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd
+    dv_ptrs = DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd
+    if HEAD_PAD:
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=row_ok & col_ok)
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=row_ok & col_ok)
+    else:
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=row_ok)
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _dropout_mask_kernel(
+    SEED, MASK,  # MASK: (B, H, Tq, Tk) int8, 1 = kept
+    T_Q, T_K, dropout_p,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Debug: write the keep-mask that the attention kernels use for this seed and shape."""
+    bh = tl.program_id(2)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(tl.load(SEED), bh, offs_m[:, None], offs_n[None, :], T_K, dropout_p)
+    ptrs = MASK + bh.to(tl.int64) * T_Q * T_K + offs_m[:, None] * T_K + offs_n[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < T_Q) & (offs_n[None, :] < T_K))
+# fmt: on
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launchers
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _attention_triton(q, k, v, causal, dropout_p, scale):
-    raise NotImplementedError("Triton attention kernel not written yet")
+def _fwd_configs() -> list:
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages). The 16-row tiles serve decoding (Tq = 1).
+    shapes = [
+        (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3),
+        (64, 32, 4, 4), (64, 128, 4, 3), (128, 64, 4, 4), (16, 64, 4, 3), (16, 128, 4, 3),
+    ]  # fmt: skip
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+def _bwd_dq_configs() -> list:
+    shapes = [
+        (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 8, 4), (16, 64, 4, 2),
+    ]  # fmt: skip
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+def _bwd_dkdv_configs() -> list:
+    shapes = [
+        (32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (16, 64, 4, 2),
+        (16, 128, 4, 3),
+    ]  # fmt: skip
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+_TUNE_KEY = ["T_Q_BUCKET", "T_K_BUCKET", "HEAD_DIM", "CAUSAL", "DROPOUT"]
+if INTERPRETED:
+    # The interpreter would run every config on the CPU: fixed, small tiles instead (BLOCK_M != BLOCK_N so that
+    # the tests exercise the split between masked and unmasked tiles).
+    _attn_fwd = _attn_fwd_kernel
+    _attn_bwd_dq = _attn_bwd_dq_kernel
+    _attn_bwd_dkdv = _attn_bwd_dkdv_kernel
+    _INTERPRETER_TILES = {"fwd": (32, 16), "dq": (32, 16), "dkdv": (16, 32)}
+else:
+    _attn_fwd = triton.autotune(_fwd_configs(), key=_TUNE_KEY)(_attn_fwd_kernel)
+    _attn_bwd_dq = triton.autotune(_bwd_dq_configs(), key=_TUNE_KEY)(_attn_bwd_dq_kernel)
+    _attn_bwd_dkdv = triton.autotune(_bwd_dkdv_configs(), key=_TUNE_KEY)(_attn_bwd_dkdv_kernel)
+
+
+def _launch(kernel, which: str, n_rows: int, bh: int, args: tuple, meta: dict) -> None:
+    """Launch over (row tiles, batch*heads): fixed tiles in the interpreter, autotuned ones on the GPU."""
+    if INTERPRETED:
+        block_m, block_n = _INTERPRETER_TILES[which]
+        tile = block_m if which != "dkdv" else block_n
+        kernel[(triton.cdiv(n_rows, tile), bh)](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n)
+        return
+    row_block = "BLOCK_N" if which == "dkdv" else "BLOCK_M"
+    grid = lambda cfg: (triton.cdiv(n_rows, cfg[row_block]), bh)
+    with torch.cuda.device(args[0].device):
+        kernel[grid](*args, **meta)
+
+
+def _meta(q: torch.Tensor, k: torch.Tensor, causal: bool, dropout_p: float) -> dict:
+    d = q.shape[-1]
+    block_d = max(16, next_power_of_2(d))
+    return dict(
+        T_Q_BUCKET=next_power_of_2(q.shape[2]),
+        T_K_BUCKET=next_power_of_2(k.shape[2]),
+        HEAD_DIM=d,
+        BLOCK_D=block_d,
+        HEAD_PAD=block_d != d,
+        CAUSAL=causal,
+        DROPOUT=dropout_p > 0.0,
+        # fp32 inputs: full-precision dots (the GPU default, tf32, would miss the fp32 tolerance).
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+
+
+def attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seed: torch.Tensor | None,
+    causal: bool,
+    dropout_p: float,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the forward kernel.
+
+    Args:
+        q: (B, H, Tq, D); k, v: (B, H, Tk, D); any strides. seed: (1,) int64 on q's device, needed when
+        ``dropout_p > 0``. scale: softmax scale.
+    Returns:
+        o (B, H, Tq, D) in q's dtype, contiguous; lse (B, H, Tq) fp32, the natural log-sum-exp of the scaled
+        (masked) scores of each row, before dropout.
+    """
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    o = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    meta = _meta(q, k, causal, dropout_p)
+    args = (
+        q, k, v, o, lse, seed if seed is not None else lse,  # the seed pointer is not read without dropout
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        H, Tq, Tk, scale * _LOG2E, dropout_p,
+    )  # fmt: skip
+    _launch(_attn_fwd, "fwd", Tq, B * H, args, meta)
+    _backend.record("attention_fwd")
+    return o, lse
+
+
+def attention_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    seed: torch.Tensor | None,
+    causal: bool,
+    dropout_p: float,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the backward kernels (dq with delta = rowsum(dO * O), then dk/dv), recomputing P from ``lse``.
+
+    Args:
+        do: (B, H, Tq, D) gradient of the output, any strides; q, k, v, seed, causal, dropout_p, scale as given
+        to :func:`attention_fwd`; o, lse: what it returned.
+    Returns:
+        dq (B, H, Tq, D), dk and dv (B, H, Tk, D), contiguous, in q's dtype.
+    """
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    dq = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, H, Tk, D), dtype=q.dtype, device=q.device)
+    dv = torch.empty((B, H, Tk, D), dtype=q.dtype, device=q.device)
+    delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    lse = lse.contiguous()
+    seed = seed if seed is not None else lse
+    meta = _meta(q, k, causal, dropout_p)
+    scalars = (H, Tq, Tk, scale, scale * _LOG2E, dropout_p)
+    dq_args = (
+        q, k, v, o, do, dq, lse, delta, seed,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(), *scalars,
+    )  # fmt: skip
+    _launch(_attn_bwd_dq, "dq", Tq, B * H, dq_args, meta)
+    dkdv_args = (
+        q, k, v, do, dk, dv, lse, delta, seed,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *scalars,
+    )  # fmt: skip
+    _launch(_attn_bwd_dkdv, "dkdv", Tk, B * H, dkdv_args, meta)
+    _backend.record("attention_bwd")
+    return dq, dk, dv
+
+
+def dropout_seed(device: torch.device | str) -> torch.Tensor:
+    """Draw the (1,) int64 dropout seed from torch's RNG for ``device`` (so ``torch.manual_seed`` reproduces it)."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+def attention_dropout_mask(
+    seed: torch.Tensor | int, B: int, H: int, Tq: int, Tk: int, dropout_p: float, device: torch.device | str
+) -> torch.Tensor:
+    """The (B, H, Tq, Tk) bool keep-mask (True = kept) that the kernels use for ``seed``: a debugging aid.
+
+    Pass it to :func:`attention_reference` as ``dropout_mask`` to reproduce the kernel's dropout.
+    """
+    if not isinstance(seed, torch.Tensor):
+        seed = torch.tensor([int(seed)], dtype=torch.int64)
+    seed = seed.to(device=device, dtype=torch.int64).reshape(1)
+    mask = torch.empty((B, H, Tq, Tk), dtype=torch.int8, device=device)
+    block = 32
+    grid = (triton.cdiv(Tq, block), triton.cdiv(Tk, block), B * H)
+    _dropout_mask_kernel[grid](seed, mask, Tq, Tk, float(dropout_p), BLOCK_M=block, BLOCK_N=block)
+    return mask.bool()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Registration: custom ops (eager, torch.compile, opcheck) with autograd
+# ---------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("gptkernels::attention_fwd", mutates_args=())
+def _attention_fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seed: torch.Tensor | None,
+    causal: bool,
+    dropout_p: float,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_fwd(q, k, v, seed, causal, dropout_p, scale)
+
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, seed, causal, dropout_p, scale):
+    B, H, Tq, D = q.shape
+    return q.new_empty((B, H, Tq, D)), q.new_empty((B, H, Tq), dtype=torch.float32)
+
+
+@torch.library.custom_op("gptkernels::attention_bwd", mutates_args=())
+def _attention_bwd_op(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    seed: torch.Tensor | None,
+    causal: bool,
+    dropout_p: float,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_bwd(do, q, k, v, o, lse, seed, causal, dropout_p, scale)
+
+
+@_attention_bwd_op.register_fake
+def _(do, q, k, v, o, lse, seed, causal, dropout_p, scale):
+    return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(k.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, seed, causal, dropout_p, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, seed)
+    ctx.causal, ctx.dropout_p, ctx.scale = causal, dropout_p, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse, seed = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd_op(do, q, k, v, o, lse, seed, ctx.causal, ctx.dropout_p, ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+_MIN_HEAD_DIM, _MAX_HEAD_DIM = 8, 128
+
+
+def _check_inputs(q, k, v, causal: bool, dropout_p: float, scale: float | None) -> None:
+    """Checks shared by both backends: the clear error at the boundary instead of a failure deep inside."""
+    op = "attention"
+    check_tensor(op, "q", q, ndim=4)
+    check_tensor(op, "k", k, ndim=4, like=q)
+    check_tensor(op, "v", v, ndim=4, like=q)
+    if k.shape != v.shape:
+        raise ValueError(f"{op}: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ValueError(
+            f"{op}: q (B, H, Tq, D) and k, v (B, H, Tk, D) must agree in B, H and D, "
+            f"got q {tuple(q.shape)} and k {tuple(k.shape)}"
+        )
+    if q.numel() == 0 or k.numel() == 0:
+        raise ValueError(f"{op}: q and k must be non-empty, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if causal and q.shape[2] > k.shape[2]:
+        raise ValueError(
+            f"{op}: causal attention needs Tq <= Tk (the mask is aligned to the end), got Tq={q.shape[2]}, "
+            f"Tk={k.shape[2]}"
+        )
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{op}: dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
+    ):
+        raise ValueError(f"{op}: scale must be a finite float or None, got {scale!r}")
+
+
+def _check_kernel_inputs(q, k, dropout_p: float) -> None:
+    """What the Triton kernel additionally needs."""
+    op = "attention"
+    d = q.shape[-1]
+    if not _MIN_HEAD_DIM <= d <= _MAX_HEAD_DIM:
+        raise ValueError(
+            f"{op}: the Triton kernel supports head sizes D in [{_MIN_HEAD_DIM}, {_MAX_HEAD_DIM}], got D={d} "
+            "(use backend='torch')"
+        )
+    # Offsets inside one head are int32 in the kernels (batch and head offsets are int64).
+    for name, t in (("q", q), ("k", k)):
+        span = (t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3)
+        if span >= 2**31:
+            raise ValueError(f"{op}: {name} spans {span} elements inside one head; the kernel needs < 2**31")
+    if dropout_p > 0.0 and (q.shape[2] + 256) * (k.shape[2] + 256) >= 2**31:
+        raise ValueError(f"{op}: dropout needs Tq * Tk < 2**31 (its counter is int32), got {q.shape[2]}, {k.shape[2]}")
+
+
+def _attention_triton(q, k, v, causal: bool, dropout_p: float, scale: float) -> torch.Tensor:
+    _check_kernel_inputs(q, k, dropout_p)
+    seed = dropout_seed(q.device) if dropout_p > 0.0 else None
+    o, _ = _attention_fwd_op(q, k, v, seed, causal, dropout_p, scale)
+    return o
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -84,11 +759,17 @@ def attention(
 
     Args:
         q: (B, H, Tq, D); k, v: (B, H, Tk, D) with Tq <= Tk (the causal mask is aligned to the end).
-        causal: mask future keys. dropout_p: attention dropout (pass 0.0 in eval).
+        causal: mask future keys. dropout_p: attention dropout in [0, 1) (pass 0.0 in eval); the Triton kernel
+            draws its seed from torch's RNG, so ``torch.manual_seed`` reproduces it.
         scale: softmax scale, default 1/sqrt(D).
+        backend: "auto" | "triton" | "torch" or None (the ``GPTKERNELS_BACKEND`` default). The Triton kernel
+            takes fp32/fp16/bf16 and head sizes 8 to 128, and any strides.
     Returns:
         (B, H, Tq, D), the dtype of ``q``.
     """
+    _check_inputs(q, k, v, causal, dropout_p, scale)
+    causal, dropout_p = bool(causal), float(dropout_p)
     if use_triton("attention", q.device, backend):
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         return _attention_triton(q, k, v, causal, dropout_p, scale)
     return attention_torch(q, k, v, causal, dropout_p, scale)
