@@ -32,12 +32,20 @@ def bias_gelu_reference(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Ten
 
 
 @triton.jit
+def _clamp20(z):
+    # Comparisons rather than tl.minimum/maximum, whose GPU lowering would turn a NaN into +-20.
+    return tl.where(z > 20.0, 20.0, tl.where(z < -20.0, -20.0, z))
+
+
+@triton.jit
 def _gelu_sigmoid(z):
-    """sigmoid(2u) = 0.5 * (1 + tanh(u)), u = sqrt(2/pi) * (z + 0.044715 z^3); fp32 in, fp32 out."""
+    """sigmoid(2u) = 0.5 * (1 + tanh(u)), u = sqrt(2/pi) * (z + 0.044715 z^3), for z already clamped to
+    [-20, 20]: beyond that range it is exactly 0 or 1 in fp32, and the clamp keeps z^3 from overflowing."""
     u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
-    # exp(-2u) = 2^(-2u * log2(e)); clamped so that very negative z gives 0 without an overflow to inf.
-    e = tl.exp2(tl.minimum(-2.8853900817779268 * u, 126.0))
-    return 1.0 / (1.0 + e)
+    # exp(-2u) = 2^(-2u * log2(e)). Where it would overflow (z < about -10) the sigmoid is exactly 0, so that
+    # gelu(z) = -0 as in PyTorch; the inner clamp only keeps the discarded branch finite.
+    t = -2.8853900817779268 * u
+    return tl.where(t > 126.0, 0.0, 1.0 / (1.0 + tl.exp2(tl.minimum(t, 126.0))))
 
 
 @triton.jit
@@ -66,7 +74,7 @@ def _bias_gelu_fwd_kernel(
     z = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         z += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    y = z * _gelu_sigmoid(z)
+    y = z * _gelu_sigmoid(_clamp20(z))
     tl.store(Y + rows64 * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -103,10 +111,12 @@ def _bias_gelu_bwd_kernel(
     if HAS_BIAS:
         z += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    sig = _gelu_sigmoid(z)
-    # d/dz [z * sigmoid(2u)] = sigmoid(2u) + z * sigmoid(2u) * (1 - sigmoid(2u)) * 2 du/dz
-    du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
-    dx = dy * (sig + 2.0 * z * sig * (1.0 - sig) * du)
+    # d/dz [z * sigmoid(2u)] = sigmoid(2u) + z * sigmoid(2u) * (1 - sigmoid(2u)) * 2 du/dz. For |z| > 20,
+    # sigmoid(2u) is exactly 0 or 1 and the second term 0: the clamp changes nothing but keeps z * du finite.
+    zc = _clamp20(z)
+    sig = _gelu_sigmoid(zc)
+    du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * zc * zc)
+    dx = dy * (sig + 2.0 * zc * sig * (1.0 - sig) * du)
     tl.store(DX + rows64 * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
     if HAS_BIAS:
         # Masked entries have dy = 0, hence dx = 0: they add nothing to the column sums.
