@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .tokenizer import (
+    CharTokenizer,
     encode_ordinary,
     get_tokenizer,
     same_tokenizer,
@@ -420,6 +421,28 @@ def _join(parts: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts)  # one part: the memmap itself, no copy
 
 
+def _resolve_tokenizer(
+    tokenizer: Any, groups: list[tuple[str, Any]], max_documents: int | None, text_column: str
+) -> Any:
+    """``None``: the first prepared folder's tokenizer (else gpt2). ``"char"``: a vocabulary built from the raw
+    sources in one streaming pass (or a prepared folder's char tokenizer when there are no raw sources)."""
+    prepared = [value for kind, value in groups if kind == "prepared"]
+    raw = [value for kind, value in groups if kind == "raw"]
+    if tokenizer is None:
+        return tokenizer_from_spec(read_meta(prepared[0])["tokenizer"]) if prepared else get_tokenizer("gpt2")
+    if isinstance(tokenizer, str) and tokenizer == "char":
+        if raw:
+            seen: set[str] = set()
+            for group in raw:
+                for text in _documents(group, max_documents, text_column, {}):
+                    seen.update(text)
+            return CharTokenizer("".join(sorted(seen)))
+        spec = read_meta(prepared[0])["tokenizer"]
+        if spec["name"] == "char":
+            return tokenizer_from_spec(spec)
+    return get_tokenizer(tokenizer)
+
+
 def load_tokens(
     sources: Sequence[str | os.PathLike[str]] | str,
     tokenizer: Any = "gpt2",
@@ -435,8 +458,10 @@ def load_tokens(
     Args:
         sources: see the module docstring. Consecutive raw sources form one corpus, tokenized and split here;
             a prepared folder brings its own train/val split (its ``val_fraction`` applies, not this one) and is
-            read as memmaps after checking that it was written by ``tokenizer``.
-        tokenizer: a tokenizer or its name; ``None``: the prepared folder's own (``gpt2`` for raw sources).
+            read as memmaps after checking that it was written by ``tokenizer`` (a split held in one shard is
+            the memmap itself; several shards are concatenated in memory).
+        tokenizer: a tokenizer or its name (``"char"`` builds its vocabulary from the raw sources first);
+            ``None``: the prepared folder's own (``gpt2`` for raw sources).
         val_fraction: the last fraction of each raw corpus (document-aligned when a boundary is near) for
             validation; non-empty when > 0.
         max_tokens: stop reading raw sources after this many tokens (in total).
@@ -450,12 +475,6 @@ def load_tokens(
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-    if tokenizer is None:
-        first = next((v for k, v in parsed if k == "prepared"), None)
-        tokenizer = tokenizer_from_spec(read_meta(first)["tokenizer"]) if first is not None else "gpt2"
-    tok = get_tokenizer(tokenizer)
-    dtype = token_dtype(tok.n_vocab)
-
     # Consecutive raw sources are one corpus; each prepared folder stands alone.
     groups: list[tuple[str, Any]] = []
     for kind, value in parsed:
@@ -465,6 +484,9 @@ def load_tokens(
             groups[-1][1].append((kind, value))
         else:
             groups.append(("raw", [(kind, value)]))
+
+    tok = _resolve_tokenizer(tokenizer, groups, max_documents, text_column)
+    dtype = token_dtype(tok.n_vocab)
 
     stats: dict[str, Any] = {"documents": 0, "replaced_bytes": 0, "skipped_files": 0}
     train_parts: list[np.ndarray] = []

@@ -32,10 +32,11 @@ from .data import (
     META_FILE,
     _documents,
     _parse_sources,
+    _resolve_tokenizer,
     split_point,
     tokenize_documents,
 )
-from .tokenizer import CharTokenizer, get_tokenizer, token_dtype, tokenizer_to_spec
+from .tokenizer import token_dtype, tokenizer_to_spec
 
 _COPY_CHUNK = 1 << 24  # tokens moved at a time when the validation tail is copied out
 
@@ -101,16 +102,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise FileExistsError(f"--out {str(out)!r} exists and is not empty; pass --overwrite to replace it")
 
 
-def _build_tokenizer(tokenizer: Any, parsed: list[tuple[str, Any]], max_documents: int | None, text_column: str):
-    if tokenizer != "char":
-        return get_tokenizer(tokenizer)
-    # A character vocabulary needs the whole corpus: one streaming pass to collect it.
-    seen: set[str] = set()
-    for text in _documents(parsed, max_documents, text_column, {}):
-        seen.update(text)
-    return CharTokenizer("".join(sorted(seen)))
-
-
 def prepare(
     sources: Sequence[str | os.PathLike[str]] | str,
     out: str | os.PathLike[str],
@@ -144,7 +135,7 @@ def prepare(
 
     from tqdm.auto import tqdm
 
-    tok = _build_tokenizer(tokenizer, parsed, max_documents, text_column)
+    tok = _resolve_tokenizer(tokenizer, [("raw", parsed)], max_documents, text_column)
     dtype = token_dtype(tok.n_vocab)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"

@@ -207,6 +207,8 @@ def encode_ordinary(tokenizer: Any, text: str) -> list[int]:
 
 def tokenizer_to_spec(tok: Any) -> dict[str, Any]:
     """A small JSON-serialisable description of ``tok`` that :func:`tokenizer_from_spec` turns back into it."""
+    if not hasattr(tok, "n_vocab") or not hasattr(tok, "eot_token"):
+        raise ValueError(f"tokenizer_to_spec: cannot describe a {type(tok).__name__} (no n_vocab/eot_token)")
     base = {"n_vocab": int(tok.n_vocab), "eot_token": int(tok.eot_token)}
     if isinstance(tok, CharTokenizer):
         return {"name": "char", "chars": tok.chars, **base}
