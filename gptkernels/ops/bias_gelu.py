@@ -9,6 +9,8 @@ writes its column sums of dx to its own row of a (tiles_m, N) fp32 buffer, summe
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -128,6 +130,11 @@ def _bias_gelu_bwd_kernel(
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it ``t``'s (tensors on another GPU than the current one)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _tile_config(M: int, N: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps): up to 256 columns (a warp's row of 16-byte vectors in bf16) and
     4096 elements per tile, 32 per thread with 4 warps."""
@@ -151,18 +158,19 @@ def _bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return y
     block_m, block_n, num_warps = _tile_config(M, N)
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
-    _bias_gelu_fwd_kernel[grid](
-        x,
-        bias if bias is not None else x,
-        y,
-        x.stride(0),
-        M,
-        N,
-        HAS_BIAS=bias is not None,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        num_warps=num_warps,
-    )
+    with _device_guard(x):
+        _bias_gelu_fwd_kernel[grid](
+            x,
+            bias if bias is not None else x,
+            y,
+            x.stride(0),
+            M,
+            N,
+            HAS_BIAS=bias is not None,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            num_warps=num_warps,
+        )
     _backend.record("bias_gelu_fwd")
     return y
 
@@ -184,21 +192,22 @@ def _bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None)
     block_m, block_n, num_warps = _tile_config(M, N)
     tiles_m = triton.cdiv(M, block_m)
     db_partial = torch.empty((tiles_m, N) if bias is not None else (0,), dtype=torch.float32, device=x.device)
-    _bias_gelu_bwd_kernel[(tiles_m * triton.cdiv(N, block_n),)](
-        dy,
-        x,
-        bias if bias is not None else x,
-        dx,
-        db_partial,
-        dy.stride(0),
-        x.stride(0),
-        M,
-        N,
-        HAS_BIAS=bias is not None,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        num_warps=num_warps,
-    )
+    with _device_guard(x):
+        _bias_gelu_bwd_kernel[(tiles_m * triton.cdiv(N, block_n),)](
+            dy,
+            x,
+            bias if bias is not None else x,
+            dx,
+            db_partial,
+            dy.stride(0),
+            x.stride(0),
+            M,
+            N,
+            HAS_BIAS=bias is not None,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            num_warps=num_warps,
+        )
     _backend.record("bias_gelu_bwd")
     db = db_partial.sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
     return dx, db

@@ -9,6 +9,7 @@ atomics, and the result is deterministic.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -161,6 +162,11 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it ``t``'s (tensors on another GPU than the current one)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _tile_config(n_cols: int, n_rows: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps): whole rows of up to 4096 fp32 values per tile, 16 per thread at most."""
     block_n, _ = row_launch(n_cols, 4)  # statistics are fp32, so the register budget is counted in fp32
@@ -206,26 +212,27 @@ def _layer_norm_fwd(
     block_m, block_n, num_warps = _tile_config(N, M)
     n_tiles = triton.cdiv(M, block_m)
     grid = (_num_programs(x.device, n_tiles, max(1, 32 // num_warps)),)
-    _layer_norm_fwd_kernel[grid](
-        x,
-        residual if residual is not None else x,
-        s if residual is not None else y,
-        y,
-        weight,
-        bias if bias is not None else weight,
-        mean,
-        rstd,
-        x.stride(0),
-        residual.stride(0) if residual is not None else 0,
-        M,
-        N,
-        eps,
-        HAS_RESIDUAL=residual is not None,
-        HAS_BIAS=bias is not None,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        num_warps=num_warps,
-    )
+    with _device_guard(x):
+        _layer_norm_fwd_kernel[grid](
+            x,
+            residual if residual is not None else x,
+            s if residual is not None else y,
+            y,
+            weight,
+            bias if bias is not None else weight,
+            mean,
+            rstd,
+            x.stride(0),
+            residual.stride(0) if residual is not None else 0,
+            M,
+            N,
+            eps,
+            HAS_RESIDUAL=residual is not None,
+            HAS_BIAS=bias is not None,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            num_warps=num_warps,
+        )
     _backend.record("add_layer_norm_fwd" if residual is not None else "layer_norm_fwd")
     return y, s, mean, rstd
 
@@ -264,27 +271,28 @@ def _layer_norm_bwd(
     n_programs = _num_programs(x.device, n_tiles, max(1, 16 // num_warps))
     dw_partial = torch.empty((n_programs, N), dtype=torch.float32, device=x.device)
     db_partial = torch.empty((n_programs, N), dtype=torch.float32, device=x.device) if has_bias else dw_partial
-    _layer_norm_bwd_kernel[(n_programs,)](
-        dy,
-        x,
-        ds if ds is not None else dy,
-        weight,
-        mean,
-        rstd,
-        dx,
-        dw_partial,
-        db_partial,
-        dy.stride(0),
-        x.stride(0),
-        ds.stride(0) if ds is not None else 0,
-        M,
-        N,
-        HAS_DS=ds is not None,
-        HAS_BIAS=has_bias,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        num_warps=num_warps,
-    )
+    with _device_guard(x):
+        _layer_norm_bwd_kernel[(n_programs,)](
+            dy,
+            x,
+            ds if ds is not None else dy,
+            weight,
+            mean,
+            rstd,
+            dx,
+            dw_partial,
+            db_partial,
+            dy.stride(0),
+            x.stride(0),
+            ds.stride(0) if ds is not None else 0,
+            M,
+            N,
+            HAS_DS=ds is not None,
+            HAS_BIAS=has_bias,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            num_warps=num_warps,
+        )
     _backend.record("add_layer_norm_bwd" if ds is not None else "layer_norm_bwd")
     dw = dw_partial.sum(0).to(weight.dtype)
     db = db_partial.sum(0).to(weight.dtype) if has_bias else dw.new_empty(0)
