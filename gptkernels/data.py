@@ -18,6 +18,7 @@ from __future__ import annotations
 import codecs
 import itertools
 import json
+import mmap
 import multiprocessing
 import operator
 import os
@@ -587,6 +588,20 @@ class WindowDataset(Dataset):
         if self.shift == "explicit":
             return w[:-1], w[1:]
         return {"input_ids": w, "labels": w.clone()}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers started by spawn pickle the dataset: send a whole-file memmap as its path, not its data.
+        state = self.__dict__.copy()
+        t = self.tokens
+        if isinstance(t, np.memmap) and isinstance(t.base, mmap.mmap) and t.filename:
+            state["tokens"] = ("memmap", t.filename, t.dtype.str, t.offset, t.shape)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state["tokens"], tuple):
+            _, filename, dtype, offset, shape = state["tokens"]
+            state["tokens"] = np.memmap(filename, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape)
+        self.__dict__.update(state)
 
     def __repr__(self) -> str:
         return (

@@ -3,6 +3,7 @@
 import itertools
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -282,6 +283,9 @@ def test_windows_read_memmaps_without_copying(tmp_path):
     ds = WindowDataset(mm, max_length=10, stride=7)
     assert ds.tokens is mm
     assert ds[3][0].tolist() == list(range(21, 31))
+    back = pickle.loads(pickle.dumps(ds))  # as a spawned DataLoader worker gets it: the file, not a copy
+    assert isinstance(back.tokens, np.memmap) and back.tokens.filename == mm.filename
+    assert back[3][1].tolist() == list(range(22, 32))
     batch = next(iter(create_dataloader(mm, batch_size=3, max_length=10, shuffle=False)))
     assert [t.shape for t in batch] == [(3, 10), (3, 10)]
     assert torch.equal(batch[1][:, :-1], batch[0][:, 1:])
