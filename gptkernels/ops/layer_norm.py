@@ -168,11 +168,12 @@ def _device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
 
 
 def _tile_config(n_cols: int, n_rows: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): whole rows of up to 4096 fp32 values per tile, 16 per thread at most."""
+    """(BLOCK_M, BLOCK_N, num_warps): whole rows, several per tile up to 4096 fp32 values, 16 values per thread."""
     block_n, _ = row_launch(n_cols, 4)  # statistics are fp32, so the register budget is counted in fp32
     block_m = max(1, min(16, 4096 // block_n, next_power_of_2(n_rows)))
     elements = block_m * block_n
-    num_warps = 4 if elements <= 1024 else 8 if elements <= 4096 else 16
+    # 16 warps start to spill in the backward beyond 8192 fp32 values (ptxas, sm_90): use 32 for the widest rows.
+    num_warps = 4 if elements <= 1024 else 8 if elements <= 4096 else 16 if elements <= 8192 else 32
     return block_m, block_n, num_warps
 
 
