@@ -1,0 +1,296 @@
+"""Flash-attention kernel: forward and dq, dk, dv against the float64 oracle, the saved log-sum-exp, dropout
+(rate, reproducibility, gradients under the kernel's own mask), custom-op registration, torch.compile, layouts and
+input errors.
+
+Shapes stay small (the CPU interpreter is slow) but odd: head sizes 8 to 128 (padded ones included), lengths that
+are not tile multiples, a single query, and Tq < Tk (KV-cache decoding, mask aligned to the end). The interpreter
+runs 32x16 forward/dq tiles and 16x32 dk/dv tiles, so T=37..65 crosses masked, unmasked and partial tiles.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gptkernels import ops
+from gptkernels.ops.attention import (
+    attention_dropout_mask,
+    attention_fwd,
+    causal_mask,
+    dropout_seed,
+)
+
+from .tolerances import assert_close_to_oracle
+
+# (B, H, Tq, Tk, D)
+SHAPES = [
+    (1, 1, 1, 1, 8),
+    (2, 3, 37, 37, 8),
+    (1, 2, 65, 65, 64),
+    (1, 1, 33, 33, 80),
+    (1, 1, 17, 17, 96),
+    (1, 2, 50, 50, 128),
+    (1, 2, 1, 40, 64),
+    (2, 1, 5, 40, 32),
+    # Tk - Tq = 14 and 17: with the interpreter's tiles the causal limits fall one key before / after a tile
+    # boundary, so an off-by-one in the masked/unmasked split fails.
+    (1, 2, 20, 34, 16),
+    (1, 1, 40, 57, 8),
+]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BF16_SKIP = "Triton 3.9's CPU interpreter returns garbage from tl.dot on bfloat16: bf16 is tested on CUDA only"
+
+
+def _skip_bf16_on_cpu(dtype, device):
+    if dtype == torch.bfloat16 and device == "cpu":
+        pytest.skip(BF16_SKIP)
+
+
+def _qkv(B, H, Tq, Tk, D, dtype, device):
+    q = torch.randn(B, H, Tq, D, device=device).to(dtype)
+    k = torch.randn(B, H, Tk, D, device=device).to(dtype)
+    v = torch.randn(B, H, Tk, D, device=device).to(dtype)
+    return q, k, v
+
+
+def _run(fn, inputs, grad):
+    """Output and (dq, dk, dv) of ``fn(q, k, v)`` for upstream gradient ``grad``."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out.backward(grad)
+    return out.detach(), [t.grad for t in leaves]
+
+
+def _check_against_oracle(fn_kernel, fn_ref, inputs, dtype):
+    grad = torch.randn(inputs[0].shape, device=inputs[0].device).to(dtype)
+    k_out, k_grads = _run(fn_kernel, inputs, grad)
+    r_out, r_grads = _run(fn_ref, inputs, grad)
+    o_out, o_grads = _run(fn_ref, [t.double() for t in inputs], grad.double())
+    assert k_out.dtype == dtype
+    assert_close_to_oracle(k_out, r_out, o_out, dtype, "out")
+    for name, k, r, o in zip(("dq", "dk", "dv"), k_grads, r_grads, o_grads):
+        assert k.dtype == dtype, f"{name}: dtype {k.dtype}"
+        assert_close_to_oracle(k, r, o, dtype, name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Against the oracle
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_attention_matches_oracle(shape, causal, dtype, device):
+    _skip_bf16_on_cpu(dtype, device)
+    inputs = _qkv(*shape, dtype, device)
+    with ops.count_launches() as c:
+        _check_against_oracle(
+            lambda q, k, v: ops.attention(q, k, v, causal=causal, backend="triton"),
+            lambda q, k, v: ops.attention_reference(q, k, v, causal=causal),
+            inputs,
+            dtype,
+        )
+    assert c["attention_fwd"] == 1 and c["attention_bwd"] == 1, dict(c)
+
+
+def test_scale_reaches_the_kernel(device):
+    inputs = _qkv(1, 2, 29, 29, 16, torch.float32, device)
+    _check_against_oracle(
+        lambda q, k, v: ops.attention(q, k, v, scale=0.9, backend="triton"),
+        lambda q, k, v: ops.attention_reference(q, k, v, scale=0.9),
+        inputs,
+        torch.float32,
+    )
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_saved_lse_is_the_logsumexp(causal, device):
+    B, H, Tq, Tk, D = 1, 2, 21, 45, 24
+    q, k, v = _qkv(B, H, Tq, Tk, D, torch.float32, device)
+    scale = 1.0 / math.sqrt(D)
+    _, lse = attention_fwd(q, k, v, None, causal, 0.0, scale)
+    s = (q.double() @ k.double().transpose(-2, -1)) * scale
+    if causal:
+        s = s.masked_fill(~causal_mask(Tq, Tk, q.device), float("-inf"))
+    assert lse.dtype == torch.float32 and lse.shape == (B, H, Tq)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, dim=-1), atol=1e-5, rtol=1e-5)
+
+
+def test_model_layout_views_and_broadcast_grad(device):
+    """The model passes (B, T, H, D).transpose(1, 2) slices of the fused qkv; ``.sum()`` gives a stride-0 grad."""
+    B, T, H, D = 2, 23, 3, 16
+    qkv = torch.randn(B, T, 3 * H * D, device=device)
+    q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2))
+    assert not q.is_contiguous()
+    _check_against_oracle(
+        lambda q, k, v: ops.attention(q, k, v, backend="triton"),
+        lambda q, k, v: ops.attention_reference(q, k, v),
+        [q, k, v],
+        torch.float32,
+    )
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]  # still the strided views
+    ops.attention(*leaves, backend="triton").sum().backward()
+    contiguous = [t.detach().contiguous().requires_grad_() for t in (q, k, v)]
+    out = ops.attention(*contiguous, backend="triton")
+    out.backward(torch.ones_like(out))
+    for name, a, b in zip(("dq", "dk", "dv"), leaves, contiguous):
+        assert torch.equal(a.grad, b.grad), f"{name} differs between strided and contiguous inputs"
+
+
+def test_torch_backend_does_not_launch(device):
+    q, k, v = _qkv(1, 2, 5, 40, 16, torch.float32, device)
+    with ops.count_launches() as c:
+        out = ops.attention(q, k, v, backend="torch")
+    assert not c, dict(c)
+    torch.testing.assert_close(out, ops.attention_reference(q, k, v))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dropout
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_dropout_mask_rate_and_independence(device):
+    B, H, Tq, Tk, p = 2, 3, 64, 64, 0.25
+    mask = attention_dropout_mask(dropout_seed(device), B, H, Tq, Tk, p, device)
+    assert mask.shape == (B, H, Tq, Tk) and mask.dtype == torch.bool
+    n = mask.numel()
+    dropped = 1.0 - mask.float().mean().item()
+    assert abs(dropped - p) < 6 * math.sqrt(p * (1 - p) / n), f"dropped {dropped:.4f}, expected {p}"
+    for b, h in [(0, 1), (1, 0), (1, 2)]:  # heads get different streams
+        assert not torch.equal(mask[0, 0], mask[b, h])
+    assert not torch.equal(mask[..., 0, :], mask[..., 1, :])  # so do rows
+    assert attention_dropout_mask(dropout_seed(device), 1, 1, 7, 9, 0.0, device).all()
+
+
+def test_dropout_seed_comes_from_torch_rng(device):
+    q, k, v = _qkv(1, 2, 19, 19, 8, torch.float32, device)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return ops.attention(q, k, v, dropout_p=0.4, backend="triton")
+
+    a, b, c = run(1), run(1), run(2)
+    assert torch.equal(a, b), "same torch seed must give the same dropout"
+    assert not torch.equal(a, c), "a different torch seed must give a different dropout"
+    assert not torch.equal(a, ops.attention(q, k, v, backend="triton")), "dropout had no effect"
+
+
+def test_dropout_zero_is_the_no_dropout_path(device):
+    q, k, v = _qkv(1, 2, 19, 33, 8, torch.float32, device)
+    state = torch.get_rng_state()
+    out = ops.attention(q, k, v, dropout_p=0.0, backend="triton")
+    assert torch.equal(torch.get_rng_state(), state), "dropout_p=0 must not draw a seed"
+    with_seed, _ = attention_fwd(q, k, v, dropout_seed(device), True, 0.0, 1.0 / math.sqrt(8))
+    assert torch.equal(out, with_seed)
+    torch.testing.assert_close(out, ops.attention_reference(q, k, v))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "shape, causal", [((2, 3, 37, 37, 8), True), ((1, 2, 5, 40, 64), True), ((1, 2, 33, 20, 16), False)], ids=str
+)
+def test_dropout_matches_reference_under_the_kernels_mask(shape, causal, dtype, device):
+    _skip_bf16_on_cpu(dtype, device)
+    B, H, Tq, Tk, D = shape
+    p = 0.3
+    torch.manual_seed(7)
+    seed = dropout_seed(device)
+    mask = attention_dropout_mask(seed, B, H, Tq, Tk, p, device)
+
+    def kernel(q, k, v):
+        torch.manual_seed(7)  # attention draws the same seed
+        return ops.attention(q, k, v, causal=causal, dropout_p=p, backend="triton")
+
+    with ops.count_launches() as c:
+        _check_against_oracle(
+            kernel,
+            lambda q, k, v: ops.attention_reference(q, k, v, causal=causal, dropout_p=p, dropout_mask=mask),
+            _qkv(B, H, Tq, Tk, D, dtype, device),
+            dtype,
+        )
+    assert c["attention_fwd"] == 1 and c["attention_bwd"] == 1, dict(c)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Registration: opcheck and torch.compile
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_opcheck_forward_and_backward(device):
+    q, k, v = _qkv(1, 2, 5, 9, 8, torch.float32, device)
+    seed = dropout_seed(device)
+    fwd_args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), seed, True, 0.2, 0.4)
+    torch.library.opcheck(torch.ops.gptkernels.attention_fwd.default, fwd_args)
+    o, lse = attention_fwd(q.detach(), k.detach(), v.detach(), seed, True, 0.2, 0.4)
+    do = torch.randn_like(o)
+    bwd_args = (do, q.detach(), k.detach(), v.detach(), o, lse, seed, True, 0.2, 0.4)
+    torch.library.opcheck(torch.ops.gptkernels.attention_bwd.default, bwd_args)
+
+
+def test_torch_compile_fullgraph(device):
+    q, k, v = _qkv(1, 2, 13, 13, 16, torch.float32, device)
+
+    def f(q, k, v):
+        return ops.attention(q, k, v, dropout_p=0.0, backend="triton").sin()
+
+    compiled = torch.compile(f, fullgraph=True)
+    grad = torch.randn(q.shape, device=device)
+    with ops.count_launches() as c:
+        c_out, c_grads = _run(compiled, [q, k, v], grad)
+    assert c["attention_fwd"] >= 1 and c["attention_bwd"] >= 1, dict(c)
+    e_out, e_grads = _run(f, [q, k, v], grad)
+    torch.testing.assert_close(c_out, e_out)
+    for a, b in zip(c_grads, e_grads):
+        torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad inputs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _bad_cases():
+    def make(q=(1, 2, 4, 8), k=(1, 2, 4, 8), v=None, dtype=torch.float32, k_dtype=None):
+        v = k if v is None else v
+        return (
+            torch.randn(q).to(dtype) if dtype.is_floating_point else torch.zeros(q, dtype=dtype),
+            torch.randn(k).to(k_dtype or dtype) if dtype.is_floating_point else torch.zeros(k, dtype=dtype),
+            torch.randn(v).to(dtype) if dtype.is_floating_point else torch.zeros(v, dtype=dtype),
+        )
+
+    return [
+        ("q 3-D", make(q=(2, 4, 8)), {}, ValueError, "q must have 4 dimensions"),
+        ("int dtype", make(dtype=torch.int32), {}, TypeError, "q has dtype torch.int32"),
+        ("k dtype", make(k_dtype=torch.float16), {}, TypeError, "k has dtype"),
+        ("D mismatch", make(k=(1, 2, 4, 16)), {}, ValueError, "agree in B, H and D"),
+        ("H mismatch", make(k=(1, 3, 4, 8)), {}, ValueError, "agree in B, H and D"),
+        ("v vs k", make(v=(1, 2, 5, 8)), {}, ValueError, "k and v must have the same shape"),
+        ("empty", make(q=(1, 2, 0, 8)), {}, ValueError, "non-empty"),
+        ("causal Tq > Tk", make(q=(1, 2, 6, 8)), {}, ValueError, "Tq <= Tk"),
+        ("dropout 1", make(), {"dropout_p": 1.0}, ValueError, "dropout_p"),
+        ("dropout < 0", make(), {"dropout_p": -0.1}, ValueError, "dropout_p"),
+        ("scale inf", make(), {"scale": float("inf")}, ValueError, "scale"),
+        ("D=4", make(q=(1, 2, 4, 4), k=(1, 2, 4, 4)), {}, ValueError, r"head sizes D in \[8, 128\]"),
+        ("D=160", make(q=(1, 1, 2, 160), k=(1, 1, 2, 160)), {}, ValueError, r"head sizes D in \[8, 128\]"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
+def test_bad_inputs(case, device):
+    _, (q, k, v), kwargs, exc, match = case
+    with pytest.raises(exc, match=match):
+        ops.attention(q.to(device), k.to(device), v.to(device), backend="triton", **kwargs)
+
+
+def test_non_causal_allows_tq_greater_than_tk(device):
+    inputs = _qkv(1, 1, 20, 7, 8, torch.float32, device)
+    _check_against_oracle(
+        lambda q, k, v: ops.attention(q, k, v, causal=False, backend="triton"),
+        lambda q, k, v: ops.attention_reference(q, k, v, causal=False),
+        inputs,
+        torch.float32,
+    )
