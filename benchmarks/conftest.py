@@ -1,0 +1,185 @@
+"""Benchmark-suite setup: devices, the session's ceilings, the run order, a time budget and machine info.
+
+``pytest benchmarks/ --benchmark-only`` collects this folder even though the root pyproject's
+``testpaths = ["tests"]`` keeps a bare ``pytest`` (the unit tests) away from it.
+
+Triton's interpreter is never switched on here: on a CPU machine the CPU cases measure the PyTorch paths and
+the C++ sampling op, as a user without a GPU would run them.
+
+Run order: the measured ceilings first, then the gptkernels/baseline cases that the issue's targets need, then
+the remaining cases, then every ``torch.compile`` provider (compilation is the slow part). With
+``--bench-budget SECONDS`` a case that would start after the budget is spent skips with that reason, so a run
+with a hard deadline (the GPU check) still ends normally and writes its JSON.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import time
+
+import pytest
+import torch
+
+from benchmarks import harness
+
+_SESSION_START = time.monotonic()
+
+# Rough seconds a case costs when none is declared: warm-up plus ~15 timed rounds.
+DEFAULT_COST_S = 2.0
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("gptkernels benchmarks")
+    group.addoption(
+        "--bench-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="skip the cases that would start after SECONDS of the session (cases run in priority order)",
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Order and budget
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _params(item: pytest.Item) -> dict:
+    callspec = getattr(item, "callspec", None)
+    return dict(callspec.params) if callspec is not None else {}
+
+
+def _module_hook(item: pytest.Item, name: str):
+    module = getattr(item, "module", None)
+    return getattr(module, name, None) if module is not None else None
+
+
+def _priority(item: pytest.Item) -> int:
+    """0 ceilings, 1 what the targets need, 2 the rest, 3 compiled providers, 4 compiled training steps."""
+    hook = _module_hook(item, "bench_priority")
+    if hook is not None:
+        return int(hook(_params(item)))
+    return 3 if "compile" in str(_params(item).get("provider", "")) else 2
+
+
+def _cost(item: pytest.Item) -> float:
+    hook = _module_hook(item, "bench_cost")
+    return float(hook(_params(item))) if hook is not None else DEFAULT_COST_S
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    order = {id(item): (_priority(item), i) for i, item in enumerate(items)}
+    items.sort(key=lambda item: order[id(item)])
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    budget = item.config.getoption("--bench-budget", default=None)
+    if budget is None:
+        return
+    elapsed = time.monotonic() - _SESSION_START
+    cost = _cost(item)
+    if elapsed + cost > budget:
+        pytest.skip(f"time budget: {elapsed:.0f} s of {budget:.0f} s used, this case needs about {cost:.0f} s")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def cuda_env() -> dict:
+    """The CUDA device, its name and the ceilings measured once for the session; skips without CUDA."""
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA case: this machine has no CUDA device")
+    device = torch.device("cuda", torch.cuda.current_device())
+    harness.allow_many_recompiles()
+    ceilings = harness.measure_ceilings(device)
+    return {"device": device, "name": torch.cuda.get_device_name(device), "ceilings": ceilings}
+
+
+@pytest.fixture
+def cuda_device(cuda_env: dict):
+    """The CUDA device; frees what the case allocated afterwards so that the next case starts clean."""
+    yield cuda_env["device"]
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+@pytest.fixture(scope="session")
+def cpu_device() -> torch.device:
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Machine info written into the JSON (and so into the results file and the report header)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _nvidia_smi(query: str) -> str | None:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run(
+            [exe, f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True, text=True, timeout=20
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip().splitlines()[0].strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except Exception:  # noqa: BLE001 - an optional package that fails to import has no version to report
+        return None
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
+    import gptkernels
+
+    try:
+        from gptkernels import sampling
+
+        extension = getattr(sampling, "HAS_EXTENSION", None)
+    except Exception:  # noqa: BLE001 - reported as unknown rather than failing the whole JSON
+        extension = None
+    info = {
+        "gptkernels": gptkernels.__version__,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "tiktoken": _version("tiktoken"),
+        "liger_kernel": _version("liger_kernel") if harness.importable("liger_kernel") else None,
+        "flashinfer": _version("flashinfer") if harness.importable("flashinfer") else None,
+        "sampling_extension": extension,
+        "cpu": harness.cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+        "gpu": None,
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(
+            gpu=torch.cuda.get_device_name(0),
+            gpu_count=torch.cuda.device_count(),
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            gpu_sms=props.multi_processor_count,
+            gpu_capability=f"{props.major}.{props.minor}",
+            gpu_l2_mib=round(harness.l2_bytes(torch.device("cuda", 0)) / 2**20, 1),
+            driver=_nvidia_smi("driver_version"),
+            cudnn=torch.backends.cudnn.version(),
+        )
+    machine_info["gptkernels"] = info
