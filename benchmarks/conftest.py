@@ -6,8 +6,9 @@
 Triton's interpreter is never switched on here: on a CPU machine the CPU cases measure the PyTorch paths and
 the C++ sampling op, as a user without a GPU would run them.
 
-Run order: the measured ceilings first, then the gptkernels/baseline cases that the issue's targets need, then
-the remaining cases, then every ``torch.compile`` provider (compilation is the slow part). With
+Run order (``harness.TIER_*``): the measured ceilings first, then the gptkernels/baseline cases that the issue's
+targets need, then ``torch.compile`` baselines at one shape per op, the compiled training steps, the remaining
+cases, and last ``torch.compile`` at the remaining shapes (compilation is the slow part). With
 ``--bench-budget SECONDS`` a case that would start after the budget is spent skips with that reason, so a run
 with a hard deadline (the GPU check) still ends normally and writes its JSON.
 """
@@ -58,11 +59,12 @@ def _module_hook(item: pytest.Item, name: str):
 
 
 def _priority(item: pytest.Item) -> int:
-    """0 ceilings, 1 what the targets need, 2 the rest, 3 compiled providers, 4 compiled training steps."""
+    """The case's tier (``harness.TIER_*``), from its module's ``bench_priority(params)``."""
     hook = _module_hook(item, "bench_priority")
     if hook is not None:
         return int(hook(_params(item)))
-    return 3 if "compile" in str(_params(item).get("provider", "")) else 2
+    compiled = "compile" in str(_params(item).get("provider", ""))
+    return harness.TIER_COMPILED_REST if compiled else harness.TIER_REST
 
 
 def _cost(item: pytest.Item) -> float:
@@ -70,6 +72,7 @@ def _cost(item: pytest.Item) -> float:
     return float(hook(_params(item))) if hook is not None else DEFAULT_COST_S
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's own fixture-based reordering
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     order = {id(item): (_priority(item), i) for i, item in enumerate(items)}
     items.sort(key=lambda item: order[id(item)])

@@ -28,6 +28,14 @@ from typing import Any
 
 import torch
 
+# Run order (see conftest.py): a case's tier, lowest first. Under a time budget the later tiers are what is lost.
+TIER_CEILING = 0  # the measured ceilings every CUDA case refers to
+TIER_TARGET = 1  # gptkernels and the baseline of every case an issue sets a target for
+TIER_COMPILED_SAMPLE = 2  # torch.compile baselines at one representative shape per op
+TIER_COMPILED_TRAIN = 3  # the compiled GPT-2 training steps (a minute of compilation each)
+TIER_REST = 4  # the remaining shapes and providers
+TIER_COMPILED_REST = 5  # torch.compile at the remaining shapes
+
 # Names the report relies on.
 ROOFLINE_GBPS = "gbps"
 ROOFLINE_TFLOPS = "tflops"

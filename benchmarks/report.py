@@ -215,9 +215,8 @@ def header(data: dict[str, Any]) -> list[str]:
     lines = ["# gptkernels benchmarks", ""]
     gpu = gk.get("gpu")
     if gpu:
-        extra = ", ".join(
-            f"{k} {gk[k]}" for k in ("driver", "gpu_memory_gib", "gpu_sms", "gpu_l2_mib") if gk.get(k) is not None
-        )
+        fmt = {"driver": "driver {}", "gpu_memory_gib": "{} GiB", "gpu_sms": "{} SMs", "gpu_l2_mib": "L2 {} MiB"}
+        extra = ", ".join(f.format(gk[k]) for k, f in fmt.items() if gk.get(k) is not None)
         lines.append(f"- GPU: **{gpu}** ({extra})")
     else:
         lines.append("- GPU: none (CUDA cases skipped)")
@@ -308,49 +307,70 @@ def render(data: dict[str, Any], rows: list[Row]) -> str:
 
 
 def plot_speedups(rows: list[Row], path: Path) -> bool:
+    """Horizontal bars: each provider's speedup over its group's baseline, one panel per op."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     groups = by_group(rows)
-    bars: list[tuple[str, str, float]] = []  # (group, provider, speedup)
-    for group in sorted(groups, key=_group_order, reverse=True):
+    panels: dict[str, list[tuple[str, list[tuple[str, float]]]]] = defaultdict(list)
+    for group in sorted(groups, key=_group_order, reverse=True):  # barh draws bottom-up
         base = baseline(groups[group])
         if base is None:
             continue
-        for r in sorted(groups[group], key=lambda r: r.provider, reverse=True):
-            if r is not base:
-                bars.append((f"{group}  vs {base.provider}", r.provider, base.median / r.median))
-    if not bars:
+        bars = [
+            (r.provider, base.median / r.median)
+            for r in sorted(groups[group], key=lambda r: r.provider)
+            if r is not base
+        ]
+        if bars:
+            op = str(groups[group][0].get("op") or group.split()[0])
+            panels[op].append((f"{group}  (vs {base.provider})", bars[::-1]))
+    if not panels:
         return False
-    providers = sorted({p for _, p, _ in bars})
+    providers = sorted({p for entries in panels.values() for _, bars in entries for p, _ in bars})
     colors = {p: plt.cm.tab10(i % 10) for i, p in enumerate(providers)}
-    labels = list(dict.fromkeys(g for g, _, _ in bars))
-    per_group = defaultdict(list)
-    for g, p, s in bars:
-        per_group[g].append((p, s))
-    height = 0.8 / max(len(v) for v in per_group.values())
-    fig, ax = plt.subplots(figsize=(11, max(3.0, 0.32 * len(bars) + 1.5)))
-    for gi, g in enumerate(labels):
-        for pi, (p, s) in enumerate(per_group[g]):
-            ax.barh(gi + (pi - (len(per_group[g]) - 1) / 2) * height, s, height=height, color=colors[p])
-    ax.set_yticks(range(len(labels)))
-    ax.set_yticklabels(labels, fontsize=7)
-    ax.set_xscale("log")
-    ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_xlabel("speedup over the group's baseline (log scale; > 1 is faster)")
-    ax.set_ylim(-0.6, len(labels) - 0.4)
-    ax.legend(
+    ops = sorted(panels)
+    sizes = [sum(len(bars) for _, bars in panels[op]) + 2 for op in ops]
+    fig, axes = plt.subplots(
+        len(ops), 1, figsize=(12, 0.17 * sum(sizes) + 1.2), gridspec_kw={"height_ratios": sizes}, squeeze=False
+    )
+    for ax, op in zip(axes[:, 0], ops):
+        y, ticks, labels = 0.0, [], []
+        for label, bars in panels[op]:
+            top = y + len(bars)
+            for i, (p, s) in enumerate(bars):
+                ax.barh(y + i + 0.5, s, height=0.9, color=colors[p])
+                ax.text(s, y + i + 0.5, f" {s:.2f}×", va="center", fontsize=6)
+            ticks.append((y + top) / 2)
+            labels.append(label)
+            y = top + 0.6
+        ax.set_yticks(ticks)
+        ax.set_yticklabels(labels, fontsize=7)
+        ax.set_ylim(-0.3, y)
+        ax.set_xscale("log")
+        values = [s for _, bars in panels[op] for _, s in bars]
+        ax.set_xlim(min(0.8, min(values) / 1.3), max(1.25, max(values) * 1.3))
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.grid(axis="x", which="major", alpha=0.3)
+        ax.set_title(op, fontsize=9, loc="left")
+        ax.tick_params(axis="x", labelsize=7)
+    axes[-1, 0].set_xlabel("speedup over the case's baseline (log scale; > 1 is faster)")
+    fig.legend(
         handles=[plt.Rectangle((0, 0), 1, 1, color=colors[p]) for p in providers],
         labels=providers,
-        loc="lower right",
+        loc="upper right",
         fontsize=8,
+        ncol=min(len(providers), 6),
     )
-    ax.grid(axis="x", which="both", alpha=0.3)
-    ax.set_title("gptkernels benchmarks: speedup per case")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.suptitle("gptkernels benchmarks: speedup per case", x=0.02, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (0.17 * sum(sizes) + 1.2)))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
 
@@ -395,12 +415,17 @@ def plot_attention(rows: list[Row], path: Path) -> bool:
             if ceiling:
                 ax.axhline(ceiling, color="grey", linestyle=":", linewidth=1, label="bf16 matmul ceiling")
             ax.set_xscale("log", base=2)
+            seq_lens = sorted({r.get("seq_len") for r in att})
+            ax.set_xticks(seq_lens)
+            ax.set_xticklabels([str(t) for t in seq_lens])
             ax.set_xlabel("sequence length T")
             ax.set_ylabel("TFLOP/s (causal)")
             ax.set_title(f"attention {mode}, D={d}")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-    fig.suptitle("Causal attention throughput, B=8 H=12 bf16")
+            ax.set_ylim(bottom=0)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=7)
+    fig.suptitle("Causal attention throughput, B=8 H=12 bf16 (dashed: dropout)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

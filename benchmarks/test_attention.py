@@ -82,8 +82,11 @@ def causal_flops(mode: str, b: int, h: int, t: int, d: int) -> float:
 def bench_priority(params: dict) -> int:
     provider = params["provider"]
     if "compile" in provider:
-        return 3
-    return 1 if provider in ("gptkernels", "sdpa_flash") and params["d"] == 64 else 2
+        sample = params["t"] == 1024 and params["d"] == 64 and params["p"] == 0.0
+        return harness.TIER_COMPILED_SAMPLE if sample else harness.TIER_COMPILED_REST
+    if provider in ("gptkernels", "sdpa_flash") and params["d"] == 64:
+        return harness.TIER_TARGET
+    return harness.TIER_REST
 
 
 def bench_cost(params: dict) -> float:

@@ -53,8 +53,9 @@ def min_bytes(mode: str, m: int, n: int, itemsize: int) -> int:
 
 def bench_priority(params: dict) -> int:
     if "compile" in params["provider"]:
-        return 3
-    return 1 if params["provider"] in ("gptkernels", "torch") else 2
+        sample = params["mode"] == "fwd+bwd" and params["n"] == WIDTHS[0]
+        return harness.TIER_COMPILED_SAMPLE if sample else harness.TIER_COMPILED_REST
+    return harness.TIER_TARGET
 
 
 def bench_cost(params: dict) -> float:

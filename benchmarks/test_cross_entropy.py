@@ -57,7 +57,9 @@ def _cases():
 
 def bench_priority(params: dict) -> int:
     provider = params["provider"]
-    return 3 if "compile" in provider else 1 if provider in ("gptkernels", "torch") else 2
+    if "compile" in provider:
+        return harness.TIER_COMPILED_SAMPLE if params["n"] == 16384 else harness.TIER_COMPILED_REST
+    return harness.TIER_TARGET if provider in ("gptkernels", "torch") else harness.TIER_REST
 
 
 def bench_cost(params: dict) -> float:

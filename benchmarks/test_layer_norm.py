@@ -85,9 +85,10 @@ def min_bytes(op: str, mode: str, m: int, n: int, itemsize: int) -> int:
 
 
 def bench_priority(params: dict) -> int:
+    train = params["mode"] == "fwd+bwd"
     if "compile" in params["provider"]:
-        return 3
-    return 1 if params["mode"] == "fwd+bwd" and params["provider"] in ("gptkernels", "torch") else 2
+        return harness.TIER_COMPILED_SAMPLE if train and params["n"] == 1024 else harness.TIER_COMPILED_REST
+    return harness.TIER_TARGET if train and params["provider"] in ("gptkernels", "torch") else harness.TIER_REST
 
 
 def bench_cost(params: dict) -> float:

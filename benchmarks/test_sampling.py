@@ -99,8 +99,9 @@ def _cases():
 
 def bench_priority(params: dict) -> int:
     if "compile" in params["provider"]:
-        return 3
-    return 1 if params["provider"] in ("gptkernels", "torch") else 2
+        sample = params["method"] == "top_p" and params["b"] == 8
+        return harness.TIER_COMPILED_SAMPLE if sample else harness.TIER_COMPILED_REST
+    return harness.TIER_TARGET if params["provider"] in ("gptkernels", "torch") else harness.TIER_REST
 
 
 def bench_cost(params: dict) -> float:

@@ -21,7 +21,7 @@ PROVIDERS = ("gptkernels", "gptkernels.data", "hf_fast")
 
 
 def bench_priority(params: dict) -> int:
-    return 2
+    return harness.TIER_REST
 
 
 @pytest.fixture(scope="module")

@@ -21,10 +21,9 @@ CUDA_PROVIDERS = ("torch", "triton", "torch+compile", "triton+compile")
 
 
 def bench_priority(params: dict) -> int:
-    provider = params["provider"]
-    if provider.endswith("compile"):
-        return 4
-    return 1 if params["device_type"] == "cuda" else 2
+    if params["provider"].endswith("compile"):
+        return harness.TIER_COMPILED_TRAIN
+    return harness.TIER_TARGET if params["device_type"] == "cuda" else harness.TIER_REST
 
 
 def bench_cost(params: dict) -> float:
@@ -105,7 +104,7 @@ def test_train_step(benchmark, request, device_type, preset, batch, seq_len, pro
             info["mfu"] = flops / median / 1e12 / peak
             info["nominal_peak_tflops"] = peak
     else:
-        median = harness.time_cpu(benchmark, step, rounds=5, warmup=1)
+        median = harness.time_cpu(benchmark, step, rounds=4, warmup=0)
     harness.figures(
         benchmark,
         median,
