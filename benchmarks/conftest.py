@@ -82,6 +82,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     budget = item.config.getoption("--bench-budget", default=None)
     if budget is None:
         return
+    cuda_case = "cuda_env" in item.fixturenames or _params(item).get("device_type") == "cuda"
+    if cuda_case and not torch.cuda.is_available():
+        return  # it skips for want of a GPU, which is the reason to report
     elapsed = time.monotonic() - _SESSION_START
     cost = _cost(item)
     if elapsed + cost > budget:
@@ -155,8 +158,9 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
         from gptkernels import sampling
 
         extension = getattr(sampling, "HAS_EXTENSION", None)
+        cuda_extension = getattr(sampling, "HAS_CUDA_EXTENSION", None)
     except Exception:  # noqa: BLE001 - reported as unknown rather than failing the whole JSON
-        extension = None
+        extension = cuda_extension = None
     info = {
         "gptkernels": gptkernels.__version__,
         "torch": torch.__version__,
@@ -167,6 +171,7 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
         "liger_kernel": _version("liger_kernel") if harness.importable("liger_kernel") else None,
         "flashinfer": _version("flashinfer") if harness.importable("flashinfer") else None,
         "sampling_extension": extension,
+        "sampling_cuda_extension": cuda_extension,
         "cpu": harness.cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "platform": platform.platform(),

@@ -77,13 +77,14 @@ run() {
     fi
     local t0 rc
     t0=$(date +%s)
-    timeout --kill-after=15 "$limit" "$@" >> "$log" 2>&1
+    # SIGINT first: pytest then ends the session normally (pytest-benchmark still writes its JSON of what ran)
+    timeout --signal=INT --kill-after=20 "$limit" "$@" >> "$log" 2>&1
     rc=$?
     tail -n 25 "$log"
     if [ "$rc" = 0 ]; then
         note "$phase: ok ($(( $(date +%s) - t0 ))s)"
     else
-        [ "$rc" = 124 ] && echo "$phase: killed after ${limit}s" >> "$log"
+        [ "$rc" = 124 ] && echo "$phase: interrupted after ${limit}s" >> "$log"
         note "$phase: FAILED exit $rc ($(( $(date +%s) - t0 ))s; see ${log#"$OUT"/})"
         FAILED+=("$phase")
     fi
@@ -172,15 +173,19 @@ if want report; then
             name=$("$PY" - "$OUT/bench.json" "$STAMP" <<'EOF'
 import json, re, sys
 info = json.load(open(sys.argv[1])).get("machine_info", {}).get("gptkernels", {})
+if not info.get("gpu"):
+    sys.exit()  # a run without a GPU is a check of this script, not a result to keep
 slug = lambda s: re.sub(r"[^A-Za-z0-9.]+", "-", str(s)).strip("-")
-parts = [sys.argv[2], slug(info.get("gpu") or "cpu-only")]
+parts = [sys.argv[2], slug(info["gpu"])]
 if info.get("driver"):
     parts.append("driver" + slug(info["driver"]))
 parts += ["torch" + slug(info.get("torch")), "triton" + slug(info.get("triton"))]
 print("_".join(parts) + ".json")
 EOF
             )
-            if [ -n "$name" ] && cp "$OUT/bench.json" "benchmarks/results/$name"; then
+            if [ -z "$name" ]; then
+                note "results: not copied to benchmarks/results/ (no GPU in this run)"
+            elif cp "$OUT/bench.json" "benchmarks/results/$name"; then
                 note "results: benchmarks/results/$name (a copy of bench.json)"
             fi
         fi

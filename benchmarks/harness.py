@@ -166,8 +166,27 @@ def _median(benchmark) -> float | None:
     return float(stats.stats.median)
 
 
-def time_cpu(benchmark, fn: Callable[[], Any], *, rounds: int = 5, warmup: int = 1) -> float | None:
-    """Median seconds per call of ``fn`` on the CPU, recorded by pytest-benchmark."""
+def time_cpu(
+    benchmark,
+    fn: Callable[[], Any],
+    *,
+    rounds: int = 5,
+    warmup: int = 1,
+    max_seconds: float | None = None,
+    first_call_s: float | None = None,
+) -> float | None:
+    """Median seconds per call of ``fn`` on the CPU, recorded by pytest-benchmark.
+
+    With ``max_seconds``, fewer rounds (at least 2) run when ``first_call_s`` (the duration of an earlier call,
+    measured here when not given) says that ``rounds`` would take longer: slow machines stay within budget.
+    """
+    if max_seconds is not None:
+        if first_call_s is None:
+            t0 = time.perf_counter()
+            fn()
+            first_call_s = time.perf_counter() - t0
+            warmup = max(0, warmup - 1)
+        rounds = max(2, min(rounds, int(max_seconds / max(first_call_s, 1e-9))))
     benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=warmup)
     return _median(benchmark)
 

@@ -231,7 +231,8 @@ def header(data: dict[str, Any]) -> list[str]:
     lines.append(f"- versions: {versions or '?'}; python {mi.get('python_version', '?')}")
     ext = gk.get("sampling_extension")
     if ext is not None:
-        lines.append(f"- sampling C++ extension built: {ext}")
+        cuda = gk.get("sampling_cuda_extension")
+        lines.append(f"- sampling extension built: {ext}" + (f" (with CUDA: {cuda})" if gk.get("gpu") else ""))
     if commit:
         dirty = " (uncommitted changes)" if commit.get("dirty") else ""
         lines.append(f"- commit: {str(commit.get('id', '?'))[:12]}{dirty} on {commit.get('branch', '?')}")

@@ -87,7 +87,7 @@ def test_tokenizer(benchmark, request, corpus, provider):
     n_tokens = out if isinstance(out, int) else len(out)
     if provider == "gptkernels" and harness.importable("transformers"):
         benchmark.extra_info["same_ids_as_hf"] = out == request.getfixturevalue("hf_tokenizer").encode(text)
-    median = harness.time_cpu(benchmark, fn, rounds=10 if provider != "hf_fast" else 5)
+    median = harness.time_cpu(benchmark, fn, rounds=10, warmup=0, max_seconds=2.0)
     harness.figures(
         benchmark,
         median,
