@@ -72,9 +72,9 @@ def test_bad_kernels_choice():
         set_kernels(torch.nn.Sequential(), "fast")
 
 
-def _tiny(kernels: str) -> GPT:
+def _tiny(kernels: str, **overrides) -> GPT:
     torch.manual_seed(0)
-    return GPT(GPTConfig.preset("tiny", vocab_size=211, drop_rate=0.0, kernels=kernels))
+    return GPT(GPTConfig.preset("tiny", **{"vocab_size": 211, "drop_rate": 0.0, "kernels": kernels, **overrides}))
 
 
 def test_tiny_gpt_triton_equals_torch_logits_loss_grads(device):
@@ -98,10 +98,11 @@ def test_tiny_gpt_triton_equals_torch_logits_loss_grads(device):
 
 
 def test_tiny_gpt_training_steps_same_losses_and_weights_interchange(device):
+    """A few AdamW steps of the tiny architecture (2 of its 8 layers, to keep the interpreter quick)."""
     losses = {}
     models = {}
     for kernels in ("torch", "triton"):
-        model = _tiny(kernels).to(device)
+        model = _tiny(kernels, n_layers=2).to(device)
         opt = model.configure_optimizer(lr=1e-3, weight_decay=0.01)
         g = torch.Generator().manual_seed(1)
         run = []
@@ -115,7 +116,7 @@ def test_tiny_gpt_training_steps_same_losses_and_weights_interchange(device):
         losses[kernels], models[kernels] = run, model
     assert losses["triton"] == pytest.approx(losses["torch"], rel=1e-4)
     # a model trained with one setting loads and gives the same outputs with the other
-    other = _tiny("torch").to(device)
+    other = _tiny("torch", n_layers=2).to(device)
     other.load_state_dict(models["triton"].state_dict())
     idx = torch.randint(0, 211, (1, 12), device=device)
     models["triton"].eval()
