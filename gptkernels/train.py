@@ -347,6 +347,8 @@ def resolve_options(argv: Sequence[str] | None) -> tuple[dict[str, Any], dict[st
             raise UsageError(f"--resume: no checkpoint (ckpt_*.pt) in {out} to resume from")
         state = load_checkpoint(out)
         stored = {k: v for k, v in state.get("args", {}).items() if k in DEFAULTS and k not in NOT_STORED}
+        if "preset" in from_file or "preset" in given:  # a preset named again: the stored sizes do not apply
+            stored = {k: v for k, v in stored.items() if k not in MODEL_KEYS}
         first = {**DEFAULTS, **stored, **from_file, **given}
     return first, state
 
@@ -945,9 +947,12 @@ class Trainer:
                     bar.close()
                     name = signal.Signals(stop).name
                     self.print(f"{name} at step {self.step}: saved {last_ckpt}; continue with --resume")
+                    self._barrier()
                     return 128 + stop
         wall = time.perf_counter() - t_start
-        return self._finish(wall, last_ckpt)
+        code = self._finish(wall, last_ckpt)
+        self._barrier()  # no rank leaves (and tears the process group down) while another still works
+        return code
 
     def _log_train(self, grad_norm: torch.Tensor, tokens_per_s: float, bar: Any) -> None:
         p = self.pending
@@ -990,20 +995,24 @@ class Trainer:
             self.last_eval = row
             from .plotting import plot_losses
 
-            plot_losses(
-                self.metrics.path, self.out / "loss.png", title=f"{self.o['preset']}: {', '.join(self.o['data'])}"
-            )
+            plot_losses(self.metrics.path, self.out / "loss.png", title=self.title())
+        self._barrier()
+
+    def _barrier(self) -> None:
         if self.world > 1:
             import torch.distributed as dist
 
             dist.barrier()
+
+    def title(self) -> str:
+        return f"{self.o['preset']} ({self.model.num_params() / 1e6:.2f}M parameters) on {', '.join(self.o['data'])}"
 
     def _finish(self, wall: float, last_ckpt: Path | None) -> int:
         if not self.main:
             return 0
         from .plotting import plot_losses
 
-        plot_losses(self.metrics.path, self.out / "loss.png", title=f"{self.o['preset']}: {', '.join(self.o['data'])}")
+        plot_losses(self.metrics.path, self.out / "loss.png", title=self.title())
         ev = self.last_eval
         summary = {"steps": self.step, "tokens": self.tokens, "wall_s": round(wall, 1)}
         if ev is not None:
