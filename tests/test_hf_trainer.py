@@ -1,0 +1,98 @@
+"""--trainer hf: the GPT inside transformers.Trainer learns like the native loop, and its outputs load back."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptkernels import GPT, GPTConfig
+from gptkernels.checkpoint import load_checkpoint, load_model
+from gptkernels.model import shift_labels
+from gptkernels.plotting import read_metrics
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (pip install 'gptkernels[hf]')")
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--emb-dim", "32", "--n-layers", "2", "--n-heads", "2", "--context-length", "32"]
+
+
+def cli_env() -> dict[str, str]:
+    env = {**os.environ, "GPTKERNELS_BACKEND": "torch", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.update(WANDB_MODE="disabled", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    from pydoc_data.topics import topics
+
+    path = tmp_path_factory.mktemp("corpus") / "small.txt"
+    path.write_text("".join(topics[k] for k in sorted(topics)[:8]), encoding="utf-8")
+    return path
+
+
+def train(corpus: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    args = [*SMALL, "--data", str(corpus), "--tokenizer", "char", "--drop-rate", "0", "--max-steps", "30"]
+    args += ["--log-steps", "5", "--eval-steps", "15", "--save-steps", "15", "--sample-tokens", "0"]
+    cmd = [sys.executable, "-m", "gptkernels.train", *args, "--out-dir", str(out), *extra]
+    return subprocess.run(cmd, cwd=out.parent, env=cli_env(), capture_output=True, text=True, timeout=300)
+
+
+def test_wrapper_loss_is_the_implicitly_shifted_native_loss():
+    from gptkernels.hf_trainer import wrap
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, context_length=12, emb_dim=16, n_heads=2, n_layers=1, kernels="torch"))
+    hf = wrap(model)
+    x = torch.randint(0, 50, (3, 12))
+    out = hf(input_ids=x, labels=x)
+    _, expected = model(x[:, :-1], x[:, 1:])  # explicit shift: the same predictions
+    torch.testing.assert_close(out.loss, expected)
+    torch.testing.assert_close(hf(input_ids=x).logits, model(x))
+    assert (shift_labels(x)[:, -1] == -100).all()
+
+
+def test_hf_trainer_matches_native_loop_and_saves_loadable_models(corpus, tmp_path):
+    native, hf = tmp_path / "native", tmp_path / "hf"
+    p1 = train(corpus, native)
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    p2 = train(corpus, hf, "--trainer", "hf")
+    assert p2.returncode == 0, p2.stderr[-3000:]
+
+    def losses(out: Path) -> tuple[list[float], list[float]]:
+        rows = read_metrics(out / "metrics.jsonl")
+        return [r["train_loss"] for r in rows if "train_loss" in r], [r["val_loss"] for r in rows if "val_loss" in r]
+
+    (tn, vn), (th, vh) = losses(native), losses(hf)
+    assert len(th) == 6 and th[-1] < th[0] and tn[-1] < tn[0]  # both learn
+    assert th[-1] == pytest.approx(tn[-1], rel=0.1)
+    assert vh[-1] == pytest.approx(vn[-1], rel=0.1)
+    summary = json.loads((hf / "hf_summary.json").read_text())
+    assert summary["steps"] == 30 and summary["val_loss"] == pytest.approx(vn[-1], rel=0.1)
+
+    # The outputs: Trainer checkpoints (newest two), the wrapped model, a plain GPT-2 export, a native checkpoint.
+    assert sorted(p.name for p in hf.glob("checkpoint-*")) == ["checkpoint-15", "checkpoint-30"]
+    assert (hf / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    from gptkernels.hf_trainer import load_hf_model
+
+    wrapped = load_hf_model(hf / "hf").eval()
+    gpt, tok = load_model(hf, kernels="torch")
+    exported = GPT.from_hf(hf / "gpt2", kernels="torch").eval()
+    x = torch.tensor([tok.encode("The value of")])
+    ref = gpt(x)
+    torch.testing.assert_close(wrapped.set_kernels("torch")(x), ref)
+    torch.testing.assert_close(exported(x), ref, rtol=1e-5, atol=1e-5)
+
+    # A second run into the same folder is refused; --resume continues from the newest Trainer checkpoint.
+    p3 = train(corpus, hf, "--trainer", "hf")
+    assert p3.returncode == 2 and p3.stderr.startswith("error: ") and "--resume" in p3.stderr
+    p4 = train(corpus, hf, "--trainer", "hf", "--resume", "--max-steps", "35")
+    assert p4.returncode == 0, p4.stderr[-3000:]
+    steps = [r["step"] for r in read_metrics(hf / "metrics.jsonl") if "train_loss" in r]
+    assert steps == [5, 10, 15, 20, 25, 30, 35]
+    assert load_checkpoint(hf)["step"] == 35 and json.loads((hf / "hf_summary.json").read_text())["steps"] == 35
