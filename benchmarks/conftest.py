@@ -27,6 +27,7 @@ import torch
 from benchmarks import harness
 
 _SESSION_START = time.monotonic()
+_LOAD_AT_START = os.getloadavg() if hasattr(os, "getloadavg") else None
 
 # Rough seconds a case costs when none is declared: warm-up plus ~15 timed rounds.
 DEFAULT_COST_S = 2.0
@@ -174,6 +175,10 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
         "sampling_cuda_extension": cuda_extension,
         "cpu": harness.cpu_name(),
         "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        # CPU timings are only meaningful when nothing else competes for the cores
+        "load_avg_at_start": [round(x, 2) for x in _LOAD_AT_START] if _LOAD_AT_START else None,
         "platform": platform.platform(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET"),
         "gpu": None,

@@ -223,6 +223,11 @@ def header(data: dict[str, Any]) -> list[str]:
     lines.append(
         f"- CPU: {cpu_name or gk.get('cpu') or mi.get('processor') or '?'}, {gk.get('cpu_threads', '?')} threads"
     )
+    load, cpus = gk.get("load_avg_at_start"), gk.get("cpu_count")
+    if load and cpus:
+        busy = " (**busier than its CPUs: CPU timings are unreliable**)" if load[0] > cpus else ""
+        omp = f"; OMP_NUM_THREADS={gk['omp_num_threads']}" if gk.get("omp_num_threads") else ""
+        lines.append(f"- CPU load at start: {load[0]:.1f} on {cpus} CPUs{busy}{omp}")
     lines.append(f"- machine: {mi.get('node', '?')}, {gk.get('platform') or mi.get('system', '?')}")
     lines.append(f"- date: {data.get('datetime', '?')}")
     versions = ", ".join(
@@ -336,7 +341,12 @@ def plot_speedups(rows: list[Row], path: Path) -> bool:
     ops = sorted(panels)
     sizes = [sum(len(bars) for _, bars in panels[op]) + 2 for op in ops]
     fig, axes = plt.subplots(
-        len(ops), 1, figsize=(12, 0.17 * sum(sizes) + 1.2), gridspec_kw={"height_ratios": sizes}, squeeze=False
+        len(ops),
+        1,
+        figsize=(12, 0.17 * sum(sizes) + 1.2),
+        gridspec_kw={"height_ratios": sizes},
+        squeeze=False,
+        layout="constrained",
     )
     for ax, op in zip(axes[:, 0], ops):
         y, ticks, labels = 0.0, [], []
@@ -365,12 +375,11 @@ def plot_speedups(rows: list[Row], path: Path) -> bool:
     fig.legend(
         handles=[plt.Rectangle((0, 0), 1, 1, color=colors[p]) for p in providers],
         labels=providers,
-        loc="upper right",
+        loc="outside upper right",
         fontsize=8,
         ncol=min(len(providers), 6),
     )
     fig.suptitle("gptkernels benchmarks: speedup per case", x=0.02, ha="left")
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (0.17 * sum(sizes) + 1.2)))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True

@@ -72,7 +72,8 @@ def _impl(provider: str):
     if provider == "torch.compile":
         if _COMPILED_CHAIN is None:
             _COMPILED_CHAIN = torch.compile(torch_chain, dynamic=False)
-        return _COMPILED_CHAIN
+        # dynamo does not trace a torch.Generator argument (it would break the graph): the global RNG draws here
+        return lambda logits, method, value, generator: _COMPILED_CHAIN(logits, method, value, None)
     if provider == "flashinfer":
         return _flashinfer
     raise ValueError(provider)
