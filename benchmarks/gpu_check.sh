@@ -168,7 +168,10 @@ fi
 # --- report and the results file ------------------------------------------------------------------------------------
 if want report; then
     if [ "$DRY" = 1 ] || [ -s "$OUT/bench.json" ]; then
-        run report "$OUT/bench.log" 60 "$PY" -m benchmarks.report "$OUT/bench.json" --out "$OUT"
+        limit=$(( $(left) - 5 ))
+        [ "$limit" -gt 60 ] && limit=60
+        [ "$limit" -lt 15 ] && limit=15  # the report takes a few seconds; do not lose it to rounding
+        run report "$OUT/bench.log" "$limit" "$PY" -m benchmarks.report "$OUT/bench.json" --out "$OUT"
         if [ "$DRY" = 0 ] && [ -s "$OUT/bench.json" ]; then
             name=$("$PY" - "$OUT/bench.json" "$STAMP" <<'EOF'
 import json, re, sys
