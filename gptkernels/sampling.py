@@ -1,47 +1,402 @@
-"""Token sampling: temperature, top-k, top-p, min-p and repetition penalty in one call.
+"""Token sampling: repetition penalty, temperature, top-k, top-p and min-p, then one draw per row, in one call.
 
-(Initial PyTorch implementation; the C++/CUDA extension of issue 5 backs :func:`sample` when built.)
+:func:`sample` runs the compiled op ``torch.ops.gptkernels.sample_tokens`` (``csrc/sampling.cpp`` on the CPU,
+``csrc/sampling_cuda.cu`` on CUDA; built by ``setup.py``). Without it, it runs :func:`sample_reference`, the
+pure-PyTorch version of the same computation, and warns once.
+
+Semantics, per row, in this order (one threshold per filter; a filter set to None is off):
+
+1. repetition penalty (CTRL / Hugging Face): for every distinct id in ``prev_tokens``, ``l / penalty`` if the logit
+   ``l > 0`` else ``l * penalty``.
+2. temperature: ``x = l / temperature`` in float32. ``temperature == 0`` or ``top_k == 1`` is greedy: the argmax of
+   the penalised logits (first index on ties), logprob 0.
+3. top-k: keep ``x >= `` the k-th largest ``x``; ties at the threshold are all kept (as Hugging Face does).
+   ``top_k == 0`` or ``>= V`` keeps everything.
+4. top-p: with ``p_i`` the softmax over the top-k set, keep the tokens whose ``x >= v`` for the largest ``v`` at
+   which the tokens with ``x >= v`` hold mass ``>= top_p``: the smallest set of most likely tokens that reaches
+   ``top_p``, extended to all tokens tied with its least likely one. ``top_p == 1`` keeps everything.
+5. min-p: keep ``p_i >= min_p * max p``, i.e. ``exp(x_i - max x) >= min_p`` (renormalising after top-p does not
+   change the ratio). ``min_p == 0`` keeps everything.
+6. draw: one uniform ``u`` per row from ``generator``; the token is the first kept one, in id order, whose
+   cumulative mass exceeds ``u`` times the kept mass (inverse CDF). ``-inf`` logits are never drawn.
+
+To make the C++, CUDA and PyTorch implementations pick *the same token for the same uniforms*, every step that
+decides a token is a fixed sequence of IEEE operations (see ``csrc/sampling.h``): ``exp`` is Cephes' float32
+polynomial (within ~1 ulp of ``torch.exp``), and masses are int64 fixed point ``int(w * 2**s)`` with
+``s = 62 - V.bit_length()``, so sums are exact in any order. Tokens whose relative weight is below ``2**-s``
+(``x - max x < -s ln 2``, about -32 at V=50257) have zero mass: they cannot be drawn (true probability < 1e-14).
+
+Errors (``ValueError``): NaN or +inf in the logits, a row with no finite logit, temperature < 0, top_k < 0,
+top_p outside (0, 1], min_p outside [0, 1], repetition_penalty <= 0, ids in prev_tokens outside [0, V). On CUDA the
+data checks cost one device sync per call; ``validate=False`` skips it (bad rows then get id -1).
 """
 
 from __future__ import annotations
 
+import math
+import warnings
+from numbers import Integral, Real
+
 import torch
 
-HAS_EXTENSION = False
+try:  # importing the extension registers torch.ops.gptkernels.sample_tokens
+    from . import _C
+
+    HAS_EXTENSION = True
+    HAS_CUDA_EXTENSION = bool(_C.WITH_CUDA)
+    _EXTENSION_ERROR: str | None = None
+except (ImportError, OSError) as _e:  # not built, or built against another torch
+    HAS_EXTENSION = False
+    HAS_CUDA_EXTENSION = False
+    _EXTENSION_ERROR = f"{type(_e).__name__}: {_e}"
+
+__all__ = ["HAS_CUDA_EXTENSION", "HAS_EXTENSION", "sample", "sample_reference"]
+
+_LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_PARAMS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")  # columns of the (B, 5) params
+_NEUTRAL = (1.0, 0.0, 1.0, 0.0, 1.0)
+_WARNED: set[str] = set()
+
+# Row status codes and messages of csrc/sampling.h, in the order the checks run.
+_STATUS = {
+    1: "temperature must be finite and >= 0 (0 is greedy)",
+    2: "top_k must be an integer >= 0 (0 disables it)",
+    3: "top_p must be in (0, 1]",
+    4: "min_p must be in [0, 1]",
+    5: "repetition_penalty must be finite and > 0",
+    6: "uniforms must be in [0, 1)",
+    7: "prev_tokens holds an id outside [0, vocab_size)",
+    8: "logits contain NaN",
+    9: "logits contain +inf",
+    10: "logits have no finite value (every token is -inf)",
+    11: "logits / temperature overflows float32; use temperature=0 for greedy",
+}
+
+# Cephes expf, as the exact float32 constants of csrc/sampling.h.
+_EXP_MIN = float.fromhex("-0x1.5cp+6")
+_LOG2E = float.fromhex("0x1.715476p+0")
+_ROUND_MAGIC = float.fromhex("0x1.8p+23")
+_LN2_HI = float.fromhex("0x1.63p-1")
+_LN2_LO = float.fromhex("-0x1.bd0106p-13")
+_POLY = tuple(
+    float.fromhex(h) for h in ("0x1.a0d2cep-13", "0x1.6e879cp-10", "0x1.111210p-7", "0x1.555382p-5", "0x1.555554p-3")
+)
+_LN2 = 0.6931471805599453
 
 
-def sample_reference(
+if HAS_EXTENSION:
+
+    @torch.library.register_fake("gptkernels::sample_tokens")
+    def _sample_tokens_fake(logits, uniforms, params, prev_tokens, check):
+        b = logits.shape[0]
+        return logits.new_empty((b,), dtype=torch.long), logits.new_empty((b,), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PyTorch reference (the fallback and the test oracle)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _exp_nonpos(t: torch.Tensor) -> torch.Tensor:
+    """exp(t) for float32 t <= 0, replaying csrc/sampling.h's exp_nonpos operation by operation (same bits)."""
+    tiny = ~(t >= _EXP_MIN)
+    t = torch.where(tiny, _EXP_MIN, t)
+    fx = (t * _LOG2E + _ROUND_MAGIC) - _ROUND_MAGIC  # round to nearest integer
+    r = t - fx * _LN2_HI
+    r = r - fx * _LN2_LO
+    p = r * _POLY[0] + _POLY[1]
+    for c in (*_POLY[2:], 0.5):
+        p = p * r + c
+    p = p * (r * r) + r + 1.0
+    scale = torch.bitwise_left_shift(fx.to(torch.int32) + 127, 23).view(torch.float32)
+    return torch.where(tiny, 0.0, p * scale)
+
+
+def _mass_shift(vocab: int) -> int:
+    return 62 - vocab.bit_length()
+
+
+def _fail(status: torch.Tensor, cond: torch.Tensor, code: int) -> torch.Tensor:
+    """Rows still fine (0) where ``cond`` holds get ``code``: the first failing check wins, as in C++."""
+    return torch.where((status == 0) & cond, code, status)
+
+
+def _row_status(logits: torch.Tensor, uniforms: torch.Tensor, params: torch.Tensor, prev: torch.Tensor | None):
+    """(B,) int32 status of every row for the checks that need no computation (codes 1-9 of ``_STATUS``)."""
+    status = torch.zeros(logits.shape[0], dtype=torch.int32, device=logits.device)
+    t32, k, p, mp, pen32 = params[:, 0].float(), params[:, 1], params[:, 2], params[:, 3], params[:, 4].float()
+    status = _fail(status, ~(t32 >= 0) | (t32 == math.inf), 1)
+    status = _fail(status, ~(k >= 0) | (k != k.floor()), 2)
+    status = _fail(status, ~((p > 0) & (p <= 1)), 3)
+    status = _fail(status, ~((mp >= 0) & (mp <= 1)), 4)
+    status = _fail(status, ~(pen32 > 0) | (pen32 == math.inf), 5)
+    status = _fail(status, ~((uniforms >= 0) & (uniforms < 1)), 6)
+    if prev is not None and prev.shape[1] > 0:
+        status = _fail(status, ((prev < 0) | (prev >= logits.shape[1])).any(dim=1), 7)
+    status = _fail(status, torch.isnan(logits).any(dim=1), 8)
+    return _fail(status, (logits == math.inf).any(dim=1), 9)
+
+
+def _reference_core(
     logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    logits = logits.float()
-    if temperature == 0 or top_k == 1:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None and top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if top_p is not None and top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    uniforms: torch.Tensor,
+    params: torch.Tensor,
+    prev_tokens: torch.Tensor | None,
+    check: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``torch.ops.gptkernels.sample_tokens`` computes, in PyTorch: same arguments, same outputs.
+
+    logits (B, V) float; uniforms (B,) float64 in [0, 1); params (B, 5) float64 = temperature, top_k, top_p,
+    min_p, repetition_penalty (neutral: 1, 0, 1, 0, 1); prev_tokens (B, T) int64 or None.
+    Returns ids (B,) int64 and logprobs (B,) float32; bad rows raise ValueError (check) or get -1 / NaN.
+    """
+    b, v = logits.shape
+    lf = logits.float()
+    status = _row_status(lf, uniforms, params, prev_tokens)
+    ok = status == 0
+    # Bad rows are computed on harmless stand-ins and masked at the end.
+    neutral = torch.tensor(_NEUTRAL, dtype=torch.float64, device=params.device)
+    params = torch.where(ok[:, None], params, neutral)
+    lf = torch.where(ok[:, None], lf, 0.0)
+    uniforms = torch.where(ok, uniforms, 0.0)
+    temperature, top_p, min_p, penalty = (params[:, i].float() for i in (0, 2, 3, 4))
+    top_k = torch.minimum(params[:, 1], torch.tensor(float(v), dtype=torch.float64, device=params.device)).long()
+
+    penalised = lf
+    if prev_tokens is not None and prev_tokens.shape[1] > 0:
+        prev = prev_tokens.clamp(0, v - 1)
+        g = lf.gather(1, prev)  # the original logits, so a repeated id is penalised once
+        g = torch.where(g > 0, g / penalty[:, None], g * penalty[:, None])
+        penalised = lf.scatter(1, prev, g)
+    greedy = (temperature == 0) | (top_k == 1)
+    divide = ~greedy & (temperature != 1)
+    x = torch.where(divide[:, None], penalised / torch.where(divide, temperature, 1.0)[:, None], penalised)
+    m = x.max(dim=1).values
+    status = _fail(status, m == -math.inf, 10)
+    status = _fail(status, m == math.inf, 11)
+    ok = status == 0
+    if check and not bool(ok.all()):
+        row = int((~ok).nonzero()[0, 0])
+        raise ValueError(f"sample: row {row}: {_STATUS[int(status[row])]}")
+    x = torch.where(ok[:, None], x, 0.0)
+    m = torch.where(ok, m, 0.0)
+    greedy_ids = x.argmax(dim=1)
+
+    neg_inf = torch.full_like(m, -math.inf)
+    xs, order = x.sort(dim=1, descending=True)
+    use_k = (top_k > 1) & (top_k < v)
+    tau_k = torch.where(use_k, xs.gather(1, (top_k - 1).clamp(0, v - 1)[:, None]).squeeze(1), neg_inf)
+    w = torch.where(x >= tau_k[:, None], _exp_nonpos(x - m[:, None]), 0.0)
+    shift = _mass_shift(v)
+    mass = (w * float(2**shift)).long()
+    z_k = mass.sum(dim=1)
+    need = torch.minimum((top_p.double() * z_k.double()).ceil().long().clamp(min=1), z_k)
+    pos = torch.searchsorted(mass.gather(1, order).cumsum(dim=1), need[:, None]).clamp(max=v - 1)
+    tau_p = torch.where(top_p < 1, xs.gather(1, pos).squeeze(1), neg_inf)
+    keep = (x >= torch.maximum(tau_k, tau_p)[:, None]) & (w >= min_p[:, None])
+    kept_mass = torch.where(keep, mass, 0)
+    z = kept_mass.sum(dim=1)
+    target = torch.minimum((uniforms * z.double()).long(), z - 1)
+    ids = torch.searchsorted(kept_mass.cumsum(dim=1), target[:, None], right=True).clamp(max=v - 1)
+    x_tok = x.gather(1, ids).squeeze(1)
+    logprobs = ((x_tok.double() - m.double()) - (torch.log(z.double()) - shift * _LN2)).float()
+
+    ids = torch.where(greedy, greedy_ids, ids.squeeze(1))
+    logprobs = torch.where(greedy, 0.0, logprobs)
+    ids = torch.where(ok, ids, -1)
+    logprobs = torch.where(ok, logprobs, math.nan)
+    return ids, logprobs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Argument handling shared by sample and sample_reference
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"sample: {name} must be a number or a (B,) tensor, got {type(value).__name__}")
+    value = float(value)
+    if name == "temperature":
+        ok = math.isfinite(value) and value >= 0
+        rule = "finite and >= 0 (0 is greedy)"
+    elif name == "top_k":
+        ok = value >= 0
+        rule = "an integer >= 0 (0 disables it)"
+    elif name == "top_p":
+        ok = 0 < value <= 1
+        rule = "in (0, 1]"
+    elif name == "min_p":
+        ok = 0 <= value <= 1
+        rule = "in [0, 1]"
+    else:
+        ok = math.isfinite(value) and value > 0
+        rule = "finite and > 0"
+    if not ok:
+        raise ValueError(f"sample: {name} must be {rule}, got {value!r}")
+    return value
+
+
+def _prepare(logits, temperature, top_k, top_p, min_p, repetition_penalty, prev_tokens, generator, uniforms):
+    """Validated (logits (B, V), uniforms (B,) f64, params (B, 5) f64, prev_tokens (B, T) i64 | None, squeeze)."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"sample: logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in _LOGIT_DTYPES:
+        raise TypeError(f"sample: logits must be float32, float16, bfloat16 or float64, got {logits.dtype}")
+    squeeze = logits.dim() == 1
+    if squeeze:
+        logits = logits[None]
+    if logits.dim() != 2 or logits.shape[1] == 0:
+        raise ValueError(f"sample: logits must be (B, V) or (V,) with V >= 1, got shape {tuple(logits.shape)}")
+    b, v = logits.shape
+    device = logits.device
+
+    values = []
+    all_numbers = True
+    for name, value, neutral in zip(_PARAMS, (temperature, top_k, top_p, min_p, repetition_penalty), _NEUTRAL):
+        if value is None:
+            values.append(neutral)
+        elif isinstance(value, torch.Tensor):
+            all_numbers = False
+            if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != b):
+                raise ValueError(f"sample: {name} must be a number or a ({b},) tensor, got shape {tuple(value.shape)}")
+            if value.device != device:
+                raise ValueError(f"sample: {name} is on {value.device} but logits are on {device}")
+            if name == "top_k":
+                if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+                    raise TypeError(f"sample: top_k must be an integer tensor, got {value.dtype}")
+                value = value.clamp(max=v)
+            elif not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+                raise TypeError(f"sample: {name} must be a float tensor, got {value.dtype}")
+            values.append(value.to(torch.float64).expand(b))
+        else:
+            if name == "top_k" and not isinstance(value, Integral):
+                raise TypeError(f"sample: top_k must be an int or a (B,) integer tensor, got {type(value).__name__}")
+            values.append(min(_check_number(name, value), float(v)) if name == "top_k" else _check_number(name, value))
+    if all_numbers:
+        params = torch.tensor(values, dtype=torch.float64, device=device).expand(b, len(_PARAMS))
+    else:
+        cols = [
+            x if isinstance(x, torch.Tensor) else torch.full((b,), x, dtype=torch.float64, device=device)
+            for x in values
+        ]
+        params = torch.stack(cols, dim=1)
+
+    if repetition_penalty is None:
+        prev_tokens = None
+    elif prev_tokens is None:
+        raise ValueError("sample: repetition_penalty needs prev_tokens, the (B, T) ids generated so far")
+    else:
+        if not isinstance(prev_tokens, torch.Tensor) or prev_tokens.is_floating_point() or prev_tokens.is_complex():
+            raise TypeError("sample: prev_tokens must be an integer tensor of token ids")
+        if prev_tokens.dim() != 2 or prev_tokens.shape[0] != b:
+            raise ValueError(f"sample: prev_tokens must be ({b}, T), got shape {tuple(prev_tokens.shape)}")
+        if prev_tokens.device != device:
+            raise ValueError(f"sample: prev_tokens is on {prev_tokens.device} but logits are on {device}")
+        prev_tokens = prev_tokens.long()
+
+    if uniforms is None:
+        gen_device = generator.device if generator is not None else device
+        uniforms = torch.rand(b, generator=generator, dtype=torch.float64, device=gen_device).to(device)
+    else:
+        if not isinstance(uniforms, torch.Tensor) or uniforms.shape != (b,):
+            raise ValueError(f"sample: uniforms must be a ({b},) tensor")
+        uniforms = uniforms.to(device=device, dtype=torch.float64)
+    return logits, uniforms, params, prev_tokens, squeeze
+
+
+def _fallback_reason(device: torch.device) -> str | None:
+    if not HAS_EXTENSION:
+        return f"the compiled extension gptkernels._C is not available ({_EXTENSION_ERROR})"
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        return None if HAS_CUDA_EXTENSION else "gptkernels._C was built without CUDA"
+    return f"gptkernels._C has no kernel for {device.type} tensors"
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(
+            f"gptkernels.sample: using the slower PyTorch implementation: {reason}. Build the extension with "
+            "`pip install --no-build-isolation -e .` (torch must be installed first).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _finish(ids, logprobs, squeeze, return_logprobs):
+    if squeeze:
+        ids, logprobs = ids[0], logprobs[0]
+    return (ids, logprobs) if return_logprobs else ids
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------------
 
 
 def sample(
     logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    min_p=None,
-    repetition_penalty=None,
-    prev_tokens=None,
+    temperature: float | torch.Tensor = 1.0,
+    top_k: int | torch.Tensor | None = None,
+    top_p: float | torch.Tensor | None = None,
+    min_p: float | torch.Tensor | None = None,
+    repetition_penalty: float | torch.Tensor | None = None,
+    prev_tokens: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     return_logprobs: bool = False,
-):
-    return sample_reference(logits, temperature, top_k, top_p, generator)
+    *,
+    uniforms: torch.Tensor | None = None,
+    validate: bool = True,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row of ``logits`` (see the module docstring for the exact semantics).
+
+    Args:
+        logits: (B, V) or (V,) float32, float16, bfloat16 (or float64, computed in float32).
+        temperature, top_k, top_p, min_p, repetition_penalty: a Python number, or a (B,) tensor on the logits'
+            device for per-row settings. None (and top_k=0, top_p=1, min_p=0) disables a filter.
+        prev_tokens: (B, T) integer ids seen so far; needed with ``repetition_penalty``.
+        generator: draws the one float64 uniform per row (same seed, same tokens on a given device).
+        return_logprobs: also return the float32 log-probability of each drawn token under the filtered,
+            temperature-scaled distribution (0 for greedy rows).
+        uniforms: (B,) values in [0, 1) to use instead of drawing them (tests, replay).
+        validate: raise ValueError on bad data (NaN, ...). On CUDA this syncs once; False skips the sync and
+            gives such rows id -1 and a NaN logprob.
+
+    Returns:
+        ids (B,) int64, or (ids, logprobs (B,) float32) with ``return_logprobs``; () instead of (B,) for 1-D logits.
+    """
+    logits, uniforms, params, prev_tokens, squeeze = _prepare(
+        logits, temperature, top_k, top_p, min_p, repetition_penalty, prev_tokens, generator, uniforms
+    )
+    reason = _fallback_reason(logits.device)
+    if reason is None:
+        ids, logprobs = torch.ops.gptkernels.sample_tokens.default(logits, uniforms, params, prev_tokens, validate)
+    else:
+        _warn_once(reason)
+        ids, logprobs = _reference_core(logits, uniforms, params, prev_tokens, check=validate)
+    return _finish(ids, logprobs, squeeze, return_logprobs)
+
+
+def sample_reference(
+    logits: torch.Tensor,
+    temperature: float | torch.Tensor = 1.0,
+    top_k: int | torch.Tensor | None = None,
+    top_p: float | torch.Tensor | None = None,
+    min_p: float | torch.Tensor | None = None,
+    repetition_penalty: float | torch.Tensor | None = None,
+    prev_tokens: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    return_logprobs: bool = False,
+    *,
+    uniforms: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample` in pure PyTorch (full sort, cumsum, searchsorted): same arguments, same tokens for the same
+    uniforms (the compiled op's oracle). Always validates."""
+    logits, uniforms, params, prev_tokens, squeeze = _prepare(
+        logits, temperature, top_k, top_p, min_p, repetition_penalty, prev_tokens, generator, uniforms
+    )
+    ids, logprobs = _reference_core(logits, uniforms, params, prev_tokens, check=True)
+    return _finish(ids, logprobs, squeeze, return_logprobs)
