@@ -294,3 +294,21 @@ def test_non_causal_allows_tq_greater_than_tk(device):
         inputs,
         torch.float32,
     )
+
+
+def test_autotune_prune_rules():
+    """The GPU autotuner's pre-filter (the interpreter does not autotune, but the rule is plain Python)."""
+    from gptkernels.ops.attention import _bwd_dkdv_configs, _fwd_configs, _prune_tiles
+
+    prune = _prune_tiles("T_Q_BUCKET", "BLOCK_M")["early_config_prune"]
+    bf16, fp32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1, dtype=torch.float32)
+    assert prune(_fwd_configs(), {"Q": bf16}, T_Q_BUCKET=1024, T_K_BUCKET=1024) == _fwd_configs()
+    decode = prune(_fwd_configs(), {"Q": bf16}, T_Q_BUCKET=16, T_K_BUCKET=4096)
+    assert decode and all(c.kwargs["BLOCK_M"] == 16 for c in decode)
+    for q, tq, tk in [(bf16, 128, 256), (fp32, 1024, 1024)]:
+        (only,) = prune(_fwd_configs(), {"Q": q}, T_Q_BUCKET=tq, T_K_BUCKET=tk)
+        assert only.kwargs["BLOCK_M"] * only.kwargs["BLOCK_N"] == min(
+            c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in _fwd_configs()
+        )
+    dkdv = _prune_tiles("T_K_BUCKET", "BLOCK_N")["early_config_prune"]
+    assert dkdv(_bwd_dkdv_configs(), {"Q": bf16}, T_Q_BUCKET=2048, T_K_BUCKET=2048) == _bwd_dkdv_configs()

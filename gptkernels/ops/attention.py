@@ -459,28 +459,49 @@ def _dropout_mask_kernel(
 def _fwd_configs() -> list:
     # (BLOCK_M, BLOCK_N, num_warps, num_stages). The 16-row tiles serve decoding (Tq = 1).
     shapes = [
-        (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3),
-        (64, 32, 4, 4), (64, 128, 4, 3), (128, 64, 4, 4), (16, 64, 4, 3), (16, 128, 4, 3),
+        (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (128, 64, 4, 4), (128, 128, 8, 4),
+        (64, 64, 4, 3), (64, 32, 4, 4), (64, 128, 4, 3), (16, 64, 4, 3), (16, 128, 4, 3),
     ]  # fmt: skip
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
 def _bwd_dq_configs() -> list:
     shapes = [
-        (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 8, 4), (16, 64, 4, 2),
+        (128, 32, 4, 3), (128, 32, 4, 5), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 8, 4),
+        (16, 64, 4, 2),
     ]  # fmt: skip
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
 def _bwd_dkdv_configs() -> list:
     shapes = [
-        (32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (16, 64, 4, 2),
-        (16, 128, 4, 3),
+        (32, 128, 4, 3), (32, 128, 4, 5), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4),
+        (16, 64, 4, 2), (16, 128, 4, 3),
     ]  # fmt: skip
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
 _TUNE_KEY = ["T_Q_BUCKET", "T_K_BUCKET", "HEAD_DIM", "CAUSAL", "DROPOUT"]
+
+
+def _prune_tiles(bucket: str, block: str):
+    """Autotune pre-filter.
+
+    Skips configs whose row tile is longer than the rows there are (decoding's Tq = 1). Small problems
+    (Tq * Tk <= 256 * 256) and fp32 (full-precision dots: slow to compile, not a speed target) take the smallest
+    tile without benchmarking, so that test suites on a GPU do not compile every config for every shape.
+    """
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        kept = [c for c in configs if c.kwargs[block] <= args[bucket]] or configs
+        if args["Q"].dtype == torch.float32 or args["T_Q_BUCKET"] * args["T_K_BUCKET"] <= 256 * 256:
+            kept = [min(kept, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        return kept
+
+    return {"early_config_prune": prune}
+
+
 if INTERPRETED:
     # The interpreter would run every config on the CPU: fixed, small tiles instead (BLOCK_M != BLOCK_N so that
     # the tests exercise the split between masked and unmasked tiles).
@@ -489,9 +510,15 @@ if INTERPRETED:
     _attn_bwd_dkdv = _attn_bwd_dkdv_kernel
     _INTERPRETER_TILES = {"fwd": (32, 16), "dq": (32, 16), "dkdv": (16, 32)}
 else:
-    _attn_fwd = triton.autotune(_fwd_configs(), key=_TUNE_KEY)(_attn_fwd_kernel)
-    _attn_bwd_dq = triton.autotune(_bwd_dq_configs(), key=_TUNE_KEY)(_attn_bwd_dq_kernel)
-    _attn_bwd_dkdv = triton.autotune(_bwd_dkdv_configs(), key=_TUNE_KEY)(_attn_bwd_dkdv_kernel)
+    _attn_fwd = triton.autotune(_fwd_configs(), key=_TUNE_KEY, prune_configs_by=_prune_tiles("T_Q_BUCKET", "BLOCK_M"))(
+        _attn_fwd_kernel
+    )
+    _attn_bwd_dq = triton.autotune(
+        _bwd_dq_configs(), key=_TUNE_KEY, prune_configs_by=_prune_tiles("T_Q_BUCKET", "BLOCK_M")
+    )(_attn_bwd_dq_kernel)
+    _attn_bwd_dkdv = triton.autotune(
+        _bwd_dkdv_configs(), key=_TUNE_KEY, prune_configs_by=_prune_tiles("T_K_BUCKET", "BLOCK_N")
+    )(_attn_bwd_dkdv_kernel)
 
 
 def _launch(kernel, which: str, n_rows: int, bh: int, args: tuple, meta: dict) -> None:
@@ -511,8 +538,9 @@ def _meta(q: torch.Tensor, k: torch.Tensor, causal: bool, dropout_p: float) -> d
     d = q.shape[-1]
     block_d = max(16, next_power_of_2(d))
     return dict(
-        T_Q_BUCKET=next_power_of_2(q.shape[2]),
-        T_K_BUCKET=next_power_of_2(k.shape[2]),
+        # At least 16, so that short lengths (decoding's Tq = 1) share one key and one integer specialisation.
+        T_Q_BUCKET=max(16, next_power_of_2(q.shape[2])),
+        T_K_BUCKET=max(16, next_power_of_2(k.shape[2])),
         HEAD_DIM=d,
         BLOCK_D=block_d,
         HEAD_PAD=block_d != d,
@@ -612,6 +640,9 @@ def attention_dropout_mask(
 
     Pass it to :func:`attention_reference` as ``dropout_mask`` to reproduce the kernel's dropout.
     """
+    reason = _backend.why_not_triton(torch.device(device))
+    if reason is not None:
+        raise RuntimeError(f"attention_dropout_mask runs the Triton RNG kernel, which cannot run: {reason}")
     if not isinstance(seed, torch.Tensor):
         seed = torch.tensor([int(seed)], dtype=torch.int64)
     seed = seed.to(device=device, dtype=torch.int64).reshape(1)
