@@ -168,7 +168,7 @@ def resume_args(corpus: Path, out: Path) -> list[str]:
         "--drop-rate",
         "0.1",  # dropout on: a resumed run must also restore the random streams
         "--max-steps",
-        "60",
+        "40",
         "--log-steps",
         "1",
         "--eval-steps",
@@ -221,7 +221,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(corpus, uninterrupted, tm
     proc.send_signal(signal.SIGKILL)  # at any moment, possibly in the middle of writing the next checkpoint
     proc.communicate()
     killed_at = load_checkpoint(out)["step"]
-    assert 5 <= killed_at < 60, "the run ended before it could be killed"
+    assert 5 <= killed_at < 40, "the run ended before it could be killed"
 
     proc = run_cli("gptkernels.train", "--resume", "--out-dir", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
