@@ -312,3 +312,21 @@ def test_autotune_prune_rules():
         )
     dkdv = _prune_tiles("T_K_BUCKET", "BLOCK_N")["early_config_prune"]
     assert dkdv(_bwd_dkdv_configs(), {"Q": bf16}, T_Q_BUCKET=2048, T_K_BUCKET=2048) == _bwd_dkdv_configs()
+
+
+def test_bf16_in_the_interpreter_is_refused_or_falls_back(device):
+    if device != "cpu":
+        pytest.skip("the interpreter's bf16 tl.dot problem exists on the CPU only")
+    q, k, v = _qkv(1, 2, 9, 9, 8, torch.bfloat16, device)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        ops.attention(q, k, v, backend="triton")
+    with ops.count_launches() as c:
+        out = ops.attention(q, k, v, backend="auto")
+    assert not c, dict(c)
+    torch.testing.assert_close(out, ops.attention(q, k, v, backend="torch"))
+
+
+def test_dropout_without_a_seed_is_refused(device):
+    q, k, v = _qkv(1, 1, 4, 4, 8, torch.float32, device)
+    with pytest.raises(ValueError, match="seed"):
+        attention_fwd(q, k, v, None, True, 0.1, 0.5)

@@ -551,6 +551,11 @@ def _meta(q: torch.Tensor, k: torch.Tensor, causal: bool, dropout_p: float) -> d
     )
 
 
+def _check_seed(seed: torch.Tensor | None, q: torch.Tensor, dropout_p: float) -> None:
+    if dropout_p > 0.0 and (seed is None or seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != q.device):
+        raise ValueError(f"attention: dropout needs seed, a (1,) int64 tensor on {q.device}; got {seed!r}")
+
+
 def attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -569,6 +574,7 @@ def attention_fwd(
         o (B, H, Tq, D) in q's dtype, contiguous; lse (B, H, Tq) fp32, the natural log-sum-exp of the scaled
         (masked) scores of each row, before dropout.
     """
+    _check_seed(seed, q, dropout_p)
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     o = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
@@ -604,6 +610,7 @@ def attention_bwd(
     Returns:
         dq (B, H, Tq, D), dk and dv (B, H, Tk, D), contiguous, in q's dtype.
     """
+    _check_seed(seed, q, dropout_p)
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     dq = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
@@ -764,6 +771,21 @@ def _check_kernel_inputs(q, k, dropout_p: float) -> None:
         raise ValueError(f"{op}: dropout needs Tq * Tk < 2**31 (its counter is int32), got {q.shape[2]}, {k.shape[2]}")
 
 
+def _interpreter_bf16(q: torch.Tensor, backend: str | None) -> bool:
+    """True (auto backend) or an error (triton backend) for bf16 in Triton's CPU interpreter.
+
+    The interpreter computes ``tl.dot`` on bfloat16 wrongly (Triton 3.9), so ``auto`` takes the PyTorch path.
+    """
+    if not (INTERPRETED and q.device.type == "cpu" and q.dtype == torch.bfloat16):
+        return False
+    if (backend if backend not in (None, "auto") else _backend.env_backend()) == "triton":
+        raise RuntimeError(
+            "attention: Triton's CPU interpreter computes tl.dot on bfloat16 wrongly; use float32/float16, "
+            "backend='torch' or a GPU"
+        )
+    return True
+
+
 def _attention_triton(q, k, v, causal: bool, dropout_p: float, scale: float) -> torch.Tensor:
     _check_kernel_inputs(q, k, dropout_p)
     seed = dropout_seed(q.device) if dropout_p > 0.0 else None
@@ -800,7 +822,7 @@ def attention(
     """
     _check_inputs(q, k, v, causal, dropout_p, scale)
     causal, dropout_p = bool(causal), float(dropout_p)
-    if use_triton("attention", q.device, backend):
+    if use_triton("attention", q.device, backend) and not _interpreter_bf16(q, backend):
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         return _attention_triton(q, k, v, causal, dropout_p, scale)
     return attention_torch(q, k, v, causal, dropout_p, scale)
