@@ -7,10 +7,11 @@ embeddings); the schedule is Trainer's ``cosine_with_min_lr`` with the same warm
 ``TrainingArguments`` are used, so it runs with transformers 4.40 through 5.x.
 
 ``--out-dir`` receives Trainer's ``checkpoint-<step>`` folders (the newest two; ``--resume`` continues from
-the newest), ``hf/``: the final model (``config.json`` + weights, loadable with :func:`load_hf_model` or, after
-:func:`register`, ``AutoModelForCausalLM.from_pretrained``), ``gpt2/`` (a plain ``GPT2LMHeadModel`` export
-from ``GPT.save_hf``), a native ``ckpt_<step>.pt`` so ``python -m gptkernels.evaluate/generate --checkpoint``
-work on it, and the same ``metrics.jsonl`` and ``loss.png`` as the native trainer.
+the newest with Trainer's own resume: give the same options again); ``hf/``, the final model (``config.json``
+and weights, loadable with :func:`load_hf_model` or, after :func:`register`, with
+``AutoModelForCausalLM.from_pretrained``); ``gpt2/``, a plain ``GPT2LMHeadModel`` export from ``GPT.save_hf``;
+a native ``ckpt_<step>.pt`` so that ``python -m gptkernels.evaluate/generate --checkpoint`` work on it; and the
+same ``metrics.jsonl`` and ``loss.png`` as the native trainer.
 """
 
 from __future__ import annotations
@@ -109,10 +110,14 @@ def load_hf_model(folder: str | Path) -> GPT:
     return model_cls.from_pretrained(str(folder)).gpt
 
 
-def _training_args(o: dict[str, Any], out: Path, warmup: int, dtype: str, device: torch.device, has_eval: bool):
+def _training_args(
+    o: dict[str, Any], out: Path, total: int, warmup: int, dtype: str, device: torch.device, has_eval: bool
+):
     import inspect
 
     from transformers import TrainingArguments
+
+    from .train import default_eval_steps
 
     params = inspect.signature(TrainingArguments.__init__).parameters
     kw: dict[str, Any] = dict(
@@ -131,7 +136,7 @@ def _training_args(o: dict[str, Any], out: Path, warmup: int, dtype: str, device
         logging_steps=o["log_steps"],
         save_steps=o["save_steps"],
         save_total_limit=2,
-        eval_steps=o["eval_steps"],
+        eval_steps=o["eval_steps"] or default_eval_steps(total),
         seed=o["seed"],
         data_seed=o["seed"],
         bf16=dtype == "bf16",
@@ -205,7 +210,7 @@ def train_hf(o: dict[str, Any]) -> int:
 
     device = resolve_device(o["device"])
     dtype = resolve_dtype(o["dtype"], device)
-    args = _training_args(o, out, warmup, dtype, device, eval_ds is not None)
+    args = _training_args(o, out, total, warmup, dtype, device, eval_ds is not None)
     main = args.process_index == 0
 
     torch.manual_seed(o["seed"])

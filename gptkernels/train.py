@@ -18,7 +18,8 @@ Schedule: AdamW (fused on CUDA; weight decay on matrices only), linear warmup fo
 ``min(--warmup-steps, 10% of the run's steps)`` steps, then cosine decay to 10% of ``--learning-rate``.
 Training stops after ``--num-epochs`` passes over the training windows or ``--max-steps`` optimizer
 steps, whichever comes first (``--max-steps 0``: no step limit). Validation runs before the first step,
-every ``--eval-steps`` and after the last step, and prints a sample from ``--sample-prompt``.
+every ``--eval-steps`` (by default 500, or a quarter of the run when that is shorter) and after the last
+step, and prints a sample from ``--sample-prompt``.
 
 Resume: ``--resume`` continues from the newest checkpoint of ``--out-dir`` with the options it was started
 with (options given again on the command line override them), the same step, learning rate, data order
@@ -109,7 +110,7 @@ DEFAULTS: dict[str, Any] = dict(
     device="auto",
     # logging, evaluation, output
     log_steps=10,
-    eval_steps=500,
+    eval_steps=None,  # 500, or a quarter of the run when that is shorter: see default_eval_steps
     save_steps=1000,
     eval_max_tokens=None,
     sample_prompt="The value of",
@@ -251,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         g,
         "--eval-steps",
-        "evaluate every this many steps (also before the first and after the last)",
+        "evaluate every this many steps, and before the first and after the last; none: 500, or a quarter of "
+        "the run when that is shorter",
         type=_positive_int,
     )
     add(g, "--save-steps", "checkpoint every this many steps (also at the end)", type=_positive_int)
@@ -415,6 +417,11 @@ def clear_out_dir(out: Path) -> None:
 def effective_warmup(warmup_steps: int, total_steps: int) -> int:
     """Warmup shrinks for short runs: at most 10% of the run."""
     return min(warmup_steps, int(0.1 * total_steps))
+
+
+def default_eval_steps(total_steps: int) -> int:
+    """Without --eval-steps: every 500 steps, but at least four evaluations (plus the one before training)."""
+    return min(500, max(1, total_steps // 4))
 
 
 def lr_factor(step: int, warmup: int, total: int, final: float = 0.1) -> float:
@@ -607,6 +614,7 @@ class Trainer:
         epoch_steps = o["num_epochs"] * self.steps_per_epoch
         self.total_steps = min(epoch_steps, o["max_steps"]) if o["max_steps"] else epoch_steps
         self.warmup = effective_warmup(o["warmup_steps"], self.total_steps)
+        self.eval_steps = o["eval_steps"] or default_eval_steps(self.total_steps)
 
         # Same initial weights on every rank; dropout streams differ per rank.
         torch.manual_seed(o["seed"])
@@ -787,8 +795,8 @@ class Trainer:
                 tokenizer=self.tokenizer,
                 seed=self.o["seed"],  # its own generator: the training random streams are untouched
             )
-        except ValueError as e:  # e.g. a prompt character that a char tokenizer has never seen
-            return f"(no sample: {e})"
+        except Exception as e:  # e.g. a prompt character a char tokenizer never saw: a sample never stops training
+            return f"(no sample: {type(e).__name__}: {' '.join(str(e).split())})"
         return " ".join(text.split())  # one line
 
     def save(self) -> Path | None:
@@ -921,7 +929,7 @@ class Trainer:
                 last = self.step == self.total_steps
                 stop = self._stop_requested()
                 log = self.step % o["log_steps"] == 0 or last
-                ev = self.step % o["eval_steps"] == 0 or last
+                ev = self.step % self.eval_steps == 0 or last
                 save = self.step % o["save_steps"] == 0 or last or stop
                 if log or save:
                     ok = self._sync_pending(loss_acc, n_acc, grad_bad)

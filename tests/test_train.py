@@ -22,7 +22,7 @@ from gptkernels import GPT, GPTConfig
 from gptkernels.checkpoint import UsageError, latest_checkpoint, list_checkpoints, load_checkpoint
 from gptkernels.evaluate import evaluate_tokens, window_starts
 from gptkernels.plotting import read_metrics
-from gptkernels.train import DEFAULTS, effective_warmup, lr_factor, resolve_options
+from gptkernels.train import DEFAULTS, default_eval_steps, effective_warmup, lr_factor, resolve_options
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--emb-dim", "32", "--n-layers", "2", "--n-heads", "2", "--context-length", "32"]
@@ -308,6 +308,8 @@ def test_lr_schedule_warmup_then_cosine_to_ten_percent():
     assert f[30 + (total - 30) // 2] == pytest.approx(0.55)  # cosine: halfway between 1 and 0.1
     assert f[total] == pytest.approx(0.1)
     assert lr_factor(0, 0, 10) == 1.0
+    # Without --eval-steps: every 500 steps, but at least four times per run.
+    assert default_eval_steps(300) == 75 and default_eval_steps(100_000) == 500 and default_eval_steps(2) == 1
 
 
 def test_config_file_yaml_and_json_with_command_line_override(tmp_path):
