@@ -475,8 +475,9 @@ int32_t sample_row(const scalar_t* logits, int64_t V, const double* prm, const i
 
 }  // namespace
 
-void check_inputs(const at::Tensor& logits, const at::Tensor& uniforms, const at::Tensor& params,
-                  const std::optional<at::Tensor>& prev_tokens, c10::DeviceType device) {
+void check_inputs(const at::Tensor& logits, const at::Tensor& uniforms, c10::ArrayRef<double> params,
+                  const std::optional<at::Tensor>& row_params, const std::optional<at::Tensor>& prev_tokens,
+                  c10::DeviceType device) {
   TORCH_CHECK(logits.device().type() == device, "sample_tokens: logits must be on ", device);
   TORCH_CHECK_VALUE(logits.dim() == 2, "sample_tokens: logits must be (B, V), got ", logits.sizes());
   const auto dt = logits.scalar_type();
@@ -486,11 +487,15 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& uniforms, const at
   TORCH_CHECK_VALUE(V >= 1 && V < (int64_t(1) << 31), "sample_tokens: vocab size must be in [1, 2^31), got ", V);
   TORCH_CHECK_TYPE(uniforms.scalar_type() == at::kDouble, "sample_tokens: uniforms must be float64");
   TORCH_CHECK_VALUE(uniforms.dim() == 1 && uniforms.size(0) == B, "sample_tokens: uniforms must be (B,)");
-  TORCH_CHECK_TYPE(params.scalar_type() == at::kDouble, "sample_tokens: params must be float64");
-  TORCH_CHECK_VALUE(params.dim() == 2 && params.size(0) == B && params.size(1) == kNumParams,
-                    "sample_tokens: params must be (B, 5), got ", params.sizes());
-  TORCH_CHECK(uniforms.device() == logits.device() && params.device() == logits.device(),
-              "sample_tokens: uniforms and params must be on the logits' device");
+  TORCH_CHECK(uniforms.device() == logits.device(), "sample_tokens: uniforms must be on the logits' device");
+  TORCH_CHECK_VALUE(params.size() == kNumParams, "sample_tokens: params must hold 5 numbers, got ", params.size());
+  if (row_params.has_value()) {
+    const at::Tensor& p = *row_params;
+    TORCH_CHECK_TYPE(p.scalar_type() == at::kDouble, "sample_tokens: row_params must be float64");
+    TORCH_CHECK_VALUE(p.dim() == 2 && p.size(0) == B && p.size(1) == kNumParams,
+                      "sample_tokens: row_params must be (B, 5), got ", p.sizes());
+    TORCH_CHECK(p.device() == logits.device(), "sample_tokens: row_params must be on the logits' device");
+  }
   if (prev_tokens.has_value()) {
     const at::Tensor& p = *prev_tokens;
     TORCH_CHECK_TYPE(p.scalar_type() == at::kLong, "sample_tokens: prev_tokens must be int64");
@@ -504,12 +509,13 @@ namespace {
 // ---- the op ---------------------------------------------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor> sample_tokens_cpu(const at::Tensor& logits_in, const at::Tensor& uniforms_in,
-                                                     const at::Tensor& params_in,
+                                                     c10::ArrayRef<double> params,
+                                                     const std::optional<at::Tensor>& row_params_in,
                                                      const std::optional<at::Tensor>& prev_in, bool check) {
-  check_inputs(logits_in, uniforms_in, params_in, prev_in, c10::DeviceType::CPU);
+  check_inputs(logits_in, uniforms_in, params, row_params_in, prev_in, c10::DeviceType::CPU);
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor uniforms = uniforms_in.contiguous();
-  const at::Tensor params = params_in.contiguous();
+  const at::Tensor row_params = row_params_in.has_value() ? row_params_in->contiguous() : at::Tensor();
   const at::Tensor prev = prev_in.has_value() ? prev_in->contiguous() : at::Tensor();
   const int64_t B = logits.size(0), V = logits.size(1);
   const int64_t n_prev = prev.defined() ? prev.size(1) : 0;
@@ -520,7 +526,7 @@ std::tuple<at::Tensor, at::Tensor> sample_tokens_cpu(const at::Tensor& logits_in
   int64_t* ids_p = ids.data_ptr<int64_t>();
   float* lp_p = logprobs.data_ptr<float>();
   const double* u_p = uniforms.data_ptr<double>();
-  const double* prm_p = params.data_ptr<double>();
+  const double* row_prm_p = row_params.defined() ? row_params.data_ptr<double>() : nullptr;
   const int64_t* prev_p = prev.defined() ? prev.data_ptr<int64_t>() : nullptr;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "gptkernels_sample_cpu", [&] {
@@ -528,7 +534,8 @@ std::tuple<at::Tensor, at::Tensor> sample_tokens_cpu(const at::Tensor& logits_in
     at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         RowOut out;
-        status[r] = sample_row<scalar_t>(l_p + r * V, V, prm_p + r * kNumParams,
+        const double* prm = row_prm_p ? row_prm_p + r * kNumParams : params.data();
+        status[r] = sample_row<scalar_t>(l_p + r * V, V, prm,
                                          prev_p ? prev_p + r * n_prev : nullptr, n_prev, u_p[r], out);
         ids_p[r] = out.token;
         lp_p[r] = out.logprob;
@@ -546,10 +553,12 @@ std::tuple<at::Tensor, at::Tensor> sample_tokens_cpu(const at::Tensor& logits_in
 }  // namespace gptkernels
 
 TORCH_LIBRARY(gptkernels, m) {
-  // params: float64 (B, 5) = temperature, top_k, top_p, min_p, repetition_penalty per row (0 / V / 1 / 0 / 1 when
-  // off). check=False never raises on bad rows (no GPU sync): they get token -1 and a NaN logprob.
-  m.def("sample_tokens(Tensor logits, Tensor uniforms, Tensor params, Tensor? prev_tokens, bool check) -> "
-        "(Tensor, Tensor)");
+  // params: temperature, top_k, top_p, min_p, repetition_penalty (1, 0, 1, 0, 1 when off) for every row, or per
+  // row in row_params, float64 (B, 5). Numbers travel with the launch: no host-to-device copy, no sync.
+  // check=False never raises on bad rows (no GPU sync): they get token -1 and a NaN logprob.
+  m.def(
+      "sample_tokens(Tensor logits, Tensor uniforms, float[] params, Tensor? row_params, Tensor? prev_tokens, "
+      "bool check) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(gptkernels, CPU, m) { m.impl("sample_tokens", &gptkernels::sample_tokens_cpu); }

@@ -27,7 +27,8 @@
 
 namespace gptkernels {
 
-// Columns of the (B, 5) float64 parameter tensor; disabled filters hold their neutral value.
+// Order of the 5 sampling parameters (the op's params list and the columns of row_params); disabled filters hold
+// their neutral value.
 enum Param : int { kTemperature = 0, kTopK = 1, kTopP = 2, kMinP = 3, kPenalty = 4, kNumParams = 5 };
 
 // Row status written by both ops; the first failing check (in this order) wins.
@@ -204,7 +205,8 @@ GK_HD int32_t check_params(double temperature, double top_k, double top_p, doubl
 }
 
 // Shapes, dtypes and devices of the op's arguments (sampling.cpp); TORCH_CHECKs naming the bad one.
-void check_inputs(const at::Tensor& logits, const at::Tensor& uniforms, const at::Tensor& params,
-                  const std::optional<at::Tensor>& prev_tokens, c10::DeviceType device);
+void check_inputs(const at::Tensor& logits, const at::Tensor& uniforms, c10::ArrayRef<double> params,
+                  const std::optional<at::Tensor>& row_params, const std::optional<at::Tensor>& prev_tokens,
+                  c10::DeviceType device);
 
 }  // namespace gptkernels

@@ -124,10 +124,15 @@ __device__ float radix_select(const float* __restrict__ x, int n, float lo, T ne
   return key_float(prefix);
 }
 
+struct Params {
+  double v[kNumParams];
+};
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     sample_kernel(const scalar_t* __restrict__ logits, int vocab, const double* __restrict__ uniforms,
-                  const double* __restrict__ params, int64_t params_row_stride, const int64_t* __restrict__ prev,
+                  Params shared_params, const double* __restrict__ row_params, int64_t row_stride,
+                  const int64_t* __restrict__ prev,
                   int64_t n_prev, float* __restrict__ scratch, int64_t* __restrict__ ids, float* __restrict__ logprobs,
                   int32_t* __restrict__ status) {
   using ArgMaxReduce = cub::BlockReduce<ArgMax, kThreads>;
@@ -146,7 +151,9 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t row = blockIdx.x;
   const scalar_t* l = logits + row * vocab;
   float* x = scratch + row * vocab;
-  const double* prm = params + row * params_row_stride;
+  double prm[kNumParams];
+#pragma unroll
+  for (int i = 0; i < kNumParams; ++i) prm[i] = row_params ? row_params[row * row_stride + i] : shared_params.v[i];
   const double u = uniforms[row];
 
   auto finish = [&](int32_t st, int64_t token, float lp) {
@@ -264,13 +271,16 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 std::tuple<at::Tensor, at::Tensor> sample_tokens_cuda(const at::Tensor& logits_in, const at::Tensor& uniforms_in,
-                                                      const at::Tensor& params, const std::optional<at::Tensor>& prev_in,
-                                                      bool check) {
-  check_inputs(logits_in, uniforms_in, params, prev_in, c10::DeviceType::CUDA);
+                                                      c10::ArrayRef<double> params,
+                                                      const std::optional<at::Tensor>& row_params_in,
+                                                      const std::optional<at::Tensor>& prev_in, bool check) {
+  check_inputs(logits_in, uniforms_in, params, row_params_in, prev_in, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor uniforms = uniforms_in.contiguous();
-  TORCH_CHECK(params.stride(1) == 1, "sample_tokens: params must have unit column stride");
+  const at::Tensor row_params = row_params_in.has_value() ? row_params_in->contiguous() : at::Tensor();
+  Params shared_params;
+  for (int i = 0; i < kNumParams; ++i) shared_params.v[i] = params[i];
   const at::Tensor prev = prev_in.has_value() ? prev_in->contiguous() : at::Tensor();
   const int64_t B = logits.size(0), V = logits.size(1);
   const int64_t n_prev = prev.defined() ? prev.size(1) : 0;
@@ -283,8 +293,9 @@ std::tuple<at::Tensor, at::Tensor> sample_tokens_cuda(const at::Tensor& logits_i
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "gptkernels_sample_cuda", [&] {
     sample_kernel<scalar_t><<<static_cast<unsigned int>(B), kThreads, 0, stream>>>(
-        logits.data_ptr<scalar_t>(), static_cast<int>(V), uniforms.data_ptr<double>(), params.data_ptr<double>(),
-        params.stride(0), n_prev > 0 ? prev.data_ptr<int64_t>() : nullptr, n_prev, scratch.data_ptr<float>(),
+        logits.data_ptr<scalar_t>(), static_cast<int>(V), uniforms.data_ptr<double>(), shared_params,
+        row_params.defined() ? row_params.data_ptr<double>() : nullptr, kNumParams,
+        n_prev > 0 ? prev.data_ptr<int64_t>() : nullptr, n_prev, scratch.data_ptr<float>(),
         ids.data_ptr<int64_t>(), logprobs.data_ptr<float>(), status.data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

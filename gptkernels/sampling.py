@@ -87,7 +87,7 @@ _LN2 = 0.6931471805599453
 if HAS_EXTENSION:
 
     @torch.library.register_fake("gptkernels::sample_tokens")
-    def _sample_tokens_fake(logits, uniforms, params, prev_tokens, check):
+    def _sample_tokens_fake(logits, uniforms, params, row_params, prev_tokens, check):
         b = logits.shape[0]
         return logits.new_empty((b,), dtype=torch.long), logits.new_empty((b,), dtype=torch.float32)
 
@@ -238,7 +238,8 @@ def _check_number(name: str, value) -> float:
 
 
 def _prepare(logits, temperature, top_k, top_p, min_p, repetition_penalty, prev_tokens, generator, uniforms):
-    """Validated (logits (B, V), uniforms (B,) f64, params (B, 5) f64, prev_tokens (B, T) i64 | None, squeeze)."""
+    """Validated (logits (B, V), uniforms (B,) f64, params: 5 floats, row_params: (B, 5) f64 tensor when any
+    parameter is per row else None, prev_tokens (B, T) i64 | None, squeeze)."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"sample: logits must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dtype not in _LOGIT_DTYPES:
@@ -252,6 +253,7 @@ def _prepare(logits, temperature, top_k, top_p, min_p, repetition_penalty, prev_
     device = logits.device
 
     values = []
+    row_params = None
     all_numbers = True
     for name, value, neutral in zip(_PARAMS, (temperature, top_k, top_p, min_p, repetition_penalty), _NEUTRAL):
         if value is None:
@@ -273,14 +275,13 @@ def _prepare(logits, temperature, top_k, top_p, min_p, repetition_penalty, prev_
             if name == "top_k" and not isinstance(value, Integral):
                 raise TypeError(f"sample: top_k must be an int or a (B,) integer tensor, got {type(value).__name__}")
             values.append(min(_check_number(name, value), float(v)) if name == "top_k" else _check_number(name, value))
-    if all_numbers:
-        params = torch.tensor(values, dtype=torch.float64, device=device).expand(b, len(_PARAMS))
-    else:
+    params = [v if isinstance(v, float) else 0.0 for v in values]  # numbers go with the launch: no copy, no sync
+    if not all_numbers:
         cols = [
             x if isinstance(x, torch.Tensor) else torch.full((b,), x, dtype=torch.float64, device=device)
             for x in values
         ]
-        params = torch.stack(cols, dim=1)
+        row_params = torch.stack(cols, dim=1)
 
     if repetition_penalty is None:
         prev_tokens = None
@@ -302,7 +303,14 @@ def _prepare(logits, temperature, top_k, top_p, min_p, repetition_penalty, prev_
         if not isinstance(uniforms, torch.Tensor) or uniforms.shape != (b,):
             raise ValueError(f"sample: uniforms must be a ({b},) tensor")
         uniforms = uniforms.to(device=device, dtype=torch.float64)
-    return logits, uniforms, params, prev_tokens, squeeze
+    return logits, uniforms, params, row_params, prev_tokens, squeeze
+
+
+def _params_table(params: list[float], row_params: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
+    """The (B, 5) float64 parameter table the reference takes."""
+    if row_params is not None:
+        return row_params
+    return torch.tensor(params, dtype=torch.float64, device=logits.device).expand(logits.shape[0], len(_PARAMS))
 
 
 def _fallback_reason(device: torch.device) -> str | None:
@@ -368,15 +376,18 @@ def sample(
     Returns:
         ids (B,) int64, or (ids, logprobs (B,) float32) with ``return_logprobs``; () instead of (B,) for 1-D logits.
     """
-    logits, uniforms, params, prev_tokens, squeeze = _prepare(
+    logits, uniforms, params, row_params, prev_tokens, squeeze = _prepare(
         logits, temperature, top_k, top_p, min_p, repetition_penalty, prev_tokens, generator, uniforms
     )
     reason = _fallback_reason(logits.device)
     if reason is None:
-        ids, logprobs = torch.ops.gptkernels.sample_tokens.default(logits, uniforms, params, prev_tokens, validate)
+        ids, logprobs = torch.ops.gptkernels.sample_tokens.default(
+            logits, uniforms, params, row_params, prev_tokens, validate
+        )
     else:
         _warn_once(reason)
-        ids, logprobs = _reference_core(logits, uniforms, params, prev_tokens, check=validate)
+        table = _params_table(params, row_params, logits)
+        ids, logprobs = _reference_core(logits, uniforms, table, prev_tokens, check=validate)
     return _finish(ids, logprobs, squeeze, return_logprobs)
 
 
@@ -395,8 +406,9 @@ def sample_reference(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`sample` in pure PyTorch (full sort, cumsum, searchsorted): same arguments, same tokens for the same
     uniforms (the compiled op's oracle). Always validates."""
-    logits, uniforms, params, prev_tokens, squeeze = _prepare(
+    logits, uniforms, params, row_params, prev_tokens, squeeze = _prepare(
         logits, temperature, top_k, top_p, min_p, repetition_penalty, prev_tokens, generator, uniforms
     )
-    ids, logprobs = _reference_core(logits, uniforms, params, prev_tokens, check=True)
+    table = _params_table(params, row_params, logits)
+    ids, logprobs = _reference_core(logits, uniforms, table, prev_tokens, check=True)
     return _finish(ids, logprobs, squeeze, return_logprobs)

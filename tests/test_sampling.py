@@ -358,15 +358,16 @@ def test_one_dimensional_logits(impl, device):
 @needs_ext
 def test_opcheck_and_compile(device):
     b, v = 3, 17
-    params = torch.tensor([[0.7, 3, 0.9, 0.05, 1.2]], dtype=torch.float64, device=device).expand(b, 5).contiguous()
-    args = (
-        torch.randn(b, v, device=device),
-        torch.rand(b, dtype=torch.float64, device=device),
-        params,
-        torch.randint(0, v, (b, 4), device=device),
-        True,
+    logits, u = torch.randn(b, v, device=device), torch.rand(b, dtype=torch.float64, device=device)
+    prev = torch.randint(0, v, (b, 4), device=device)
+    row_params = torch.tensor(
+        [[0.7, 3, 0.9, 0.05, 1.2], [1.0, 0, 1.0, 0.0, 1.0], [0.0, 0, 1.0, 0.0, 2.0]], dtype=torch.float64, device=device
     )
-    torch.library.opcheck(torch.ops.gptkernels.sample_tokens.default, args)
+    for args in (
+        (logits, u, [0.7, 3.0, 0.9, 0.05, 1.2], None, prev, True),
+        (logits, u, [1.0, 0.0, 1.0, 0.0, 1.0], row_params, prev, True),
+    ):
+        torch.library.opcheck(torch.ops.gptkernels.sample_tokens.default, args)
 
     def fn(logits, u):
         return sample(logits, temperature=0.7, top_k=5, top_p=0.9, uniforms=u, return_logprobs=True)
