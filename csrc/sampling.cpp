@@ -513,7 +513,9 @@ std::tuple<at::Tensor, at::Tensor> sample_tokens_cpu(const at::Tensor& logits_in
                                                      const std::optional<at::Tensor>& row_params_in,
                                                      const std::optional<at::Tensor>& prev_in, bool check) {
   check_inputs(logits_in, uniforms_in, params, row_params_in, prev_in, c10::DeviceType::CPU);
-  const at::Tensor logits = logits_in.contiguous();
+  // Rows may be strided (logits[:, -1, :] of a (B, T, V) output): only the vocabulary must be contiguous.
+  const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
+  const int64_t row_stride = logits.stride(0);
   const at::Tensor uniforms = uniforms_in.contiguous();
   const at::Tensor row_params = row_params_in.has_value() ? row_params_in->contiguous() : at::Tensor();
   const at::Tensor prev = prev_in.has_value() ? prev_in->contiguous() : at::Tensor();
@@ -535,7 +537,7 @@ std::tuple<at::Tensor, at::Tensor> sample_tokens_cpu(const at::Tensor& logits_in
       for (int64_t r = r0; r < r1; ++r) {
         RowOut out;
         const double* prm = row_prm_p ? row_prm_p + r * kNumParams : params.data();
-        status[r] = sample_row<scalar_t>(l_p + r * V, V, prm,
+        status[r] = sample_row<scalar_t>(l_p + r * row_stride, V, prm,
                                          prev_p ? prev_p + r * n_prev : nullptr, n_prev, u_p[r], out);
         ids_p[r] = out.token;
         lp_p[r] = out.logprob;

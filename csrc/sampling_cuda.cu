@@ -130,7 +130,8 @@ struct Params {
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    sample_kernel(const scalar_t* __restrict__ logits, int vocab, const double* __restrict__ uniforms,
+    sample_kernel(const scalar_t* __restrict__ logits, int64_t logits_row_stride, int vocab,
+                  const double* __restrict__ uniforms,
                   Params shared_params, const double* __restrict__ row_params, int64_t row_stride,
                   const int64_t* __restrict__ prev,
                   int64_t n_prev, float* __restrict__ scratch, int64_t* __restrict__ ids, float* __restrict__ logprobs,
@@ -149,7 +150,7 @@ __global__ void __launch_bounds__(kThreads)
 
   const int tid = threadIdx.x;
   const int64_t row = blockIdx.x;
-  const scalar_t* l = logits + row * vocab;
+  const scalar_t* l = logits + row * logits_row_stride;
   float* x = scratch + row * vocab;
   double prm[kNumParams];
 #pragma unroll
@@ -276,7 +277,8 @@ std::tuple<at::Tensor, at::Tensor> sample_tokens_cuda(const at::Tensor& logits_i
                                                       const std::optional<at::Tensor>& prev_in, bool check) {
   check_inputs(logits_in, uniforms_in, params, row_params_in, prev_in, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(logits_in.device());
-  const at::Tensor logits = logits_in.contiguous();
+  // Rows may be strided (logits[:, -1, :] of a (B, T, V) output): only the vocabulary must be contiguous.
+  const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
   const at::Tensor uniforms = uniforms_in.contiguous();
   const at::Tensor row_params = row_params_in.has_value() ? row_params_in->contiguous() : at::Tensor();
   Params shared_params;
@@ -293,8 +295,8 @@ std::tuple<at::Tensor, at::Tensor> sample_tokens_cuda(const at::Tensor& logits_i
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "gptkernels_sample_cuda", [&] {
     sample_kernel<scalar_t><<<static_cast<unsigned int>(B), kThreads, 0, stream>>>(
-        logits.data_ptr<scalar_t>(), static_cast<int>(V), uniforms.data_ptr<double>(), shared_params,
-        row_params.defined() ? row_params.data_ptr<double>() : nullptr, kNumParams,
+        logits.data_ptr<scalar_t>(), logits.stride(0), static_cast<int>(V), uniforms.data_ptr<double>(),
+        shared_params, row_params.defined() ? row_params.data_ptr<double>() : nullptr, kNumParams,
         n_prev > 0 ? prev.data_ptr<int64_t>() : nullptr, n_prev, scratch.data_ptr<float>(),
         ids.data_ptr<int64_t>(), logprobs.data_ptr<float>(), status.data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

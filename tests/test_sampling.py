@@ -350,6 +350,18 @@ def test_validate_false_marks_bad_rows_instead_of_raising(device):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_strided_logits(impl, device):
+    out = torch.randn(5, 3, 211, device=device)  # a model's (B, T, V) output: sample the last position
+    u = torch.rand(5, dtype=torch.float64, device=device)
+    kw = dict(top_k=40, top_p=0.9, uniforms=u)
+    assert torch.equal(_run(impl, out[:, -1, :], **kw)[0], _run(impl, out[:, -1, :].contiguous(), **kw)[0])
+    cols = out.transpose(1, 2)[:, :, 0]  # vocabulary not contiguous
+    assert torch.equal(_run(impl, cols, **kw)[0], _run(impl, cols.contiguous(), **kw)[0])
+    row = out[0, 0].expand(5, 211)  # stride 0 between rows
+    assert torch.equal(_run(impl, row, **kw)[0], _run(impl, row.contiguous(), **kw)[0])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_one_dimensional_logits(impl, device):
     ids, lp = _run(impl, torch.randn(50, device=device), top_k=5, uniforms=torch.tensor([0.3], dtype=torch.float64))
     assert ids.shape == () and lp.shape == () and 0 <= int(ids) < 50
