@@ -24,11 +24,14 @@ To make the C++, CUDA and PyTorch implementations pick *the same token for the s
 decides a token is a fixed sequence of IEEE operations (see ``csrc/sampling.h``): ``exp`` is Cephes' float32
 polynomial (within ~1 ulp of ``torch.exp``), and masses are int64 fixed point ``int(w * 2**s)`` with
 ``s = 62 - V.bit_length()``, so sums are exact in any order. Tokens whose relative weight is below ``2**-s``
-(``x - max x < -s ln 2``, about -32 at V=50257) have zero mass: they cannot be drawn (true probability < 1e-14).
+(``x - max x < -s ln 2``, about -32 at V=50257) have zero mass: they cannot be drawn (their true probability is
+below 1.5e-14 times the top token's).
 
 Errors (``ValueError``): NaN or +inf in the logits, a row with no finite logit, temperature < 0, top_k < 0,
 top_p outside (0, 1], min_p outside [0, 1], repetition_penalty <= 0, ids in prev_tokens outside [0, V). On CUDA the
-data checks cost one device sync per call; ``validate=False`` skips it (bad rows then get id -1).
+data checks cost one device sync per call; ``validate=False`` skips it (bad rows then get id -1). Nothing else
+syncs: numbers travel with the launch and the uniforms are drawn on the device (give a CUDA ``generator`` for CUDA
+logits; a CPU one costs a host-to-device copy).
 """
 
 from __future__ import annotations
@@ -275,7 +278,7 @@ def _prepare(logits, temperature, top_k, top_p, min_p, repetition_penalty, prev_
             if name == "top_k" and not isinstance(value, Integral):
                 raise TypeError(f"sample: top_k must be an int or a (B,) integer tensor, got {type(value).__name__}")
             values.append(min(_check_number(name, value), float(v)) if name == "top_k" else _check_number(name, value))
-    params = [v if isinstance(v, float) else 0.0 for v in values]  # numbers go with the launch: no copy, no sync
+    params = [x if isinstance(x, float) else 0.0 for x in values]  # numbers go with the launch: no copy, no sync
     if not all_numbers:
         cols = [
             x if isinstance(x, torch.Tensor) else torch.full((b,), x, dtype=torch.float64, device=device)
@@ -288,7 +291,11 @@ def _prepare(logits, temperature, top_k, top_p, min_p, repetition_penalty, prev_
     elif prev_tokens is None:
         raise ValueError("sample: repetition_penalty needs prev_tokens, the (B, T) ids generated so far")
     else:
-        if not isinstance(prev_tokens, torch.Tensor) or prev_tokens.is_floating_point() or prev_tokens.is_complex():
+        if not isinstance(prev_tokens, torch.Tensor) or prev_tokens.dtype not in (
+            torch.int64,
+            torch.int32,
+            torch.int16,
+        ):
             raise TypeError("sample: prev_tokens must be an integer tensor of token ids")
         if prev_tokens.dim() != 2 or prev_tokens.shape[0] != b:
             raise ValueError(f"sample: prev_tokens must be ({b}, T), got shape {tuple(prev_tokens.shape)}")
