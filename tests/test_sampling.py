@@ -173,16 +173,16 @@ def test_ties_are_kept_together(impl, device):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_greedy_is_argmax(impl, dtype, device):
-    logits = (torch.randn(64, 1001, device=device) * 3).to(dtype)
+    logits = (torch.randn(32, 1001, device=device) * 3).to(dtype)
     logits[5, :500] = -math.inf
     expected = logits.float().argmax(dim=1)
     for kw in (dict(temperature=0.0), dict(top_k=1), dict(temperature=0.0, top_p=0.3, min_p=0.2)):
         ids, lp = _run(impl, logits, **kw)
         assert torch.equal(ids, expected) and (lp == 0).all()
-    prev = torch.randint(0, 1001, (64, 20), device=device)
+    prev = torch.randint(0, 1001, (32, 20), device=device)
     ids, _ = _run(impl, logits, temperature=0.0, repetition_penalty=3.0, prev_tokens=prev)
     expected = torch.stack(
-        [_oracle_probs(logits[r].cpu(), 0.0, repetition_penalty=3.0, prev=prev[r].cpu()).argmax() for r in range(64)]
+        [_oracle_probs(logits[r].cpu(), 0.0, repetition_penalty=3.0, prev=prev[r].cpu()).argmax() for r in range(32)]
     )
     assert torch.equal(ids.cpu(), expected)
 
@@ -234,9 +234,18 @@ def test_per_row_parameters_equal_row_by_row_calls(impl, device):
         assert ids[r] == i1[0] and torch.equal(lp[r : r + 1], l1), f"row {r} {one}"
 
 
+@pytest.fixture
+def one_thread():
+    """The reference's large elementwise ops split across OpenMP threads crawl when the cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_extension_draws_what_the_reference_draws(dtype, device):
+def test_extension_draws_what_the_reference_draws(dtype, device, one_thread):
     gen = torch.Generator().manual_seed(7)
     for v, b in (
         (1, 3),
