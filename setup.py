@@ -86,8 +86,13 @@ def _extensions():
 
     sources = [os.path.join(CSRC, "sampling.cpp")]
     cxx = ["-O3", "-ffp-contract=off", "-fvisibility=hidden"]
+    link: list[str] = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is inline: without OpenMP in *this* object the rows run on one thread.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     if sys.platform == "win32":
-        cxx = ["/O2", "/fp:precise"]
+        cxx = ["/O2", "/fp:precise", "/openmp"]
     if _want_cuda(torch, cpp_extension.CUDA_HOME):
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
         sources.append(os.path.join(CSRC, "sampling_cuda.cu"))
@@ -96,6 +101,7 @@ def _extensions():
             sources,
             define_macros=[("GPTKERNELS_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--fmad=false", "-lineinfo"]},
+            extra_link_args=link,
         )
         print(
             f"gptkernels setup.py: building the CPU and CUDA kernels (CUDA {torch.version.cuda}, "
@@ -103,7 +109,9 @@ def _extensions():
             flush=True,
         )
     else:
-        ext = cpp_extension.CppExtension("gptkernels._C", sources, extra_compile_args={"cxx": cxx})
+        ext = cpp_extension.CppExtension(
+            "gptkernels._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link
+        )
         print(f"gptkernels setup.py: building the CPU kernel (torch {torch.__version__})", flush=True)
     if shutil.which("ninja") is None:
         _warn("ninja not found (pip install ninja): the build falls back to slower, serial distutils")
