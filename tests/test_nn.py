@@ -124,3 +124,20 @@ def test_tiny_gpt_training_steps_same_losses_and_weights_interchange(device):
     torch.testing.assert_close(other(idx), models["triton"](idx), atol=1e-4, rtol=1e-4)
     other.set_kernels("triton")
     torch.testing.assert_close(other(idx), models["triton"](idx), atol=1e-5, rtol=1e-5)
+
+
+def test_tiny_gpt_compiles_fullgraph_around_the_kernels(device):
+    """torch.compile(fullgraph=True) over the whole model: the fused ops are opaque custom ops, no graph break."""
+    eager, model = _tiny("triton", n_layers=1).to(device), _tiny("triton", n_layers=1).to(device)
+    compiled = torch.compile(model, fullgraph=True)
+    idx = torch.randint(0, 211, (2, 12), device=device)
+    with count_launches() as launched:
+        _, loss = compiled(idx, idx, return_logits=False)
+        loss.backward()
+    assert launched["attention_fwd"] > 0 and launched["attention_bwd"] > 0 and launched["layer_norm_fwd"] > 0
+    _, ref = eager(idx, idx, return_logits=False)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    grads = dict(model.named_parameters())
+    for name, p in eager.named_parameters():
+        torch.testing.assert_close(grads[name].grad, p.grad, atol=1e-4, rtol=1e-3, msg=name)
