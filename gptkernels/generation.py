@@ -57,14 +57,14 @@ def generate_tokens(
         done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             if not use_cache:
-                logits = model(seq[:, -ctx:])[:, -1, :]
+                logits = model(seq[:, -ctx:], last_only=True)[:, -1, :]
             elif caches is None or seq.shape[1] > ctx:
                 # (Re)fill the cache with the visible window; leave room for one more token.
                 window = seq[:, -ctx:]
                 caches = model.new_kv_caches(seq.shape[0], ctx)
-                logits = model(window, kv_caches=caches)[:, -1, :]
+                logits = model(window, kv_caches=caches, last_only=True)[:, -1, :]
             else:
-                logits = model(seq[:, -1:], kv_caches=caches)[:, -1, :]
+                logits = model(seq[:, -1:], kv_caches=caches, last_only=True)[:, -1, :]
             if caches is not None and caches[0].length >= ctx:
                 caches = None  # full: the next step slides the window and rebuilds
             nxt = sample(

@@ -86,6 +86,7 @@ class GPT(nn.Module):
         *,
         kv_caches: list[KVCache] | None = None,
         return_logits: bool = True,
+        last_only: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor | None, torch.Tensor]:
         """Logits for ``idx``, and the loss when ``targets`` are given.
 
@@ -95,6 +96,7 @@ class GPT(nn.Module):
             kv_caches: one :class:`KVCache` per layer for incremental decoding.
             return_logits: with targets, False skips the (B, T, vocab) logits so that the fused LM-head loss
                 never holds them (training); the first returned item is then None.
+            last_only: without targets, only the last position's logits, (B, 1, vocab) (generation).
         Returns:
             logits (B, T, vocab_size) without targets; ``(logits, loss)`` with targets.
         """
@@ -112,7 +114,7 @@ class GPT(nn.Module):
             x = block(x, kv_caches[i] if kv_caches is not None else None)
         x = self.transformer.ln_f(x)
         if targets is None:
-            return self.lm_head(x)  # (B, T, vocab)
+            return self.lm_head(x[:, -1:] if last_only else x)  # (B, T or 1, vocab)
         if targets.shape != idx.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
         loss = self.loss_fn(x, self.lm_head.weight, targets)

@@ -137,3 +137,9 @@ def test_training_reduces_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_last_only_logits_equal_the_last_row():
+    model = GPT(small_config()).eval()
+    idx = torch.randint(0, 97, (2, 9))
+    torch.testing.assert_close(model(idx, last_only=True), model(idx)[:, -1:])
