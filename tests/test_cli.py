@@ -2,8 +2,6 @@
 commands: one ``error: ...`` line on stderr, exit status 2, no traceback, nothing written or overwritten."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,35 +15,7 @@ from gptkernels import train as train_cli
 from gptkernels.checkpoint import cli_main, list_checkpoints, load_checkpoint
 from gptkernels.plotting import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--emb-dim", "32", "--n-layers", "2", "--n-heads", "2", "--context-length", "32"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one intra-op thread is faster than two fighting the rest of the suite for two cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def cli_env() -> dict[str, str]:
-    return {**os.environ, "GPTKERNELS_BACKEND": "torch", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-
-
-def run_cli(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", module, *args]
-    return subprocess.run(cmd, cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=180)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    from pydoc_data.topics import topics
-
-    path = tmp_path_factory.mktemp("corpus") / "small.txt"
-    path.write_text("".join(topics[k] for k in sorted(topics)[:8]), encoding="utf-8")
-    return path
+from .cli_helpers import SMALL, one_thread, run_cli, small_corpus  # noqa: F401 (fixtures: pytest finds them by name)
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,6 @@
 """torchrun + DistributedDataParallel on the CPU (gloo): two processes train exactly what one process does
 with the same global batch, and only rank 0 writes files."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,26 +9,9 @@ import torch
 from gptkernels.checkpoint import list_checkpoints, load_checkpoint
 from gptkernels.plotting import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--emb-dim", "32", "--n-layers", "2", "--n-heads", "2", "--context-length", "32"]
+from .cli_helpers import SMALL, run_cli, small_corpus  # noqa: F401 (the corpus fixture: pytest finds it by name)
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
-
-
-def cli_env() -> dict[str, str]:
-    env = {**os.environ, "GPTKERNELS_BACKEND": "torch", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    from pydoc_data.topics import topics
-
-    path = tmp_path_factory.mktemp("corpus") / "small.txt"
-    path.write_text("".join(topics[k] for k in sorted(topics)[:8]), encoding="utf-8")
-    return path
 
 
 def common_args(corpus: Path, out: Path) -> list[str]:
@@ -43,14 +23,13 @@ def common_args(corpus: Path, out: Path) -> list[str]:
 
 def test_two_processes_equal_one_process_with_the_same_global_batch(corpus, tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "gptkernels.train", *common_args(corpus, single), "--batch-size", "8"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300)
+    proc = run_cli("gptkernels.train", *common_args(corpus, single), "--batch-size", "8", cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     # 2 ranks × 2 micro-batches (gradient accumulation, DDP no_sync on the first) × 2 windows = 8 per step.
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
-    cmd = [*launcher, "-m", "gptkernels.train", *common_args(corpus, ddp), "--batch-size", "2", "--grad-accum", "2"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300)
+    launcher = ["--nproc_per_node=2", "--standalone", "-m", "gptkernels.train"]
+    args = [*common_args(corpus, ddp), "--batch-size", "2", "--grad-accum", "2"]
+    proc = run_cli("torch.distributed.run", *launcher, *args, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "2 process(es)" in proc.stdout
     assert proc.stdout.count("done:") == 1  # only rank 0 reports

@@ -1,9 +1,7 @@
 """--trainer hf: the GPT inside transformers.Trainer learns like the native loop, and its outputs load back."""
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,33 +12,17 @@ from gptkernels.checkpoint import load_checkpoint, load_model
 from gptkernels.model import shift_labels
 from gptkernels.plotting import read_metrics
 
+from .cli_helpers import SMALL, run_cli, small_corpus  # noqa: F401 (the corpus fixture: pytest finds it by name)
+
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (pip install 'gptkernels[hf]')")
-
-ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--emb-dim", "32", "--n-layers", "2", "--n-heads", "2", "--context-length", "32"]
-
-
-def cli_env() -> dict[str, str]:
-    env = {**os.environ, "GPTKERNELS_BACKEND": "torch", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    env.update(WANDB_MODE="disabled", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    return env
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    from pydoc_data.topics import topics
-
-    path = tmp_path_factory.mktemp("corpus") / "small.txt"
-    path.write_text("".join(topics[k] for k in sorted(topics)[:8]), encoding="utf-8")
-    return path
 
 
 def train(corpus: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     args = [*SMALL, "--data", str(corpus), "--tokenizer", "char", "--drop-rate", "0", "--max-steps", "30"]
     args += ["--log-steps", "5", "--eval-steps", "15", "--save-steps", "15", "--sample-tokens", "0"]
-    cmd = [sys.executable, "-m", "gptkernels.train", *args, "--out-dir", str(out), *extra]
-    return subprocess.run(cmd, cwd=out.parent, env=cli_env(), capture_output=True, text=True, timeout=300)
+    args += ["--out-dir", str(out), *extra]
+    return run_cli("gptkernels.train", *args, cwd=out.parent, timeout=300, WANDB_MODE="disabled")
 
 
 def test_wrapper_loss_is_the_implicitly_shifted_native_loss():

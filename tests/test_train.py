@@ -7,7 +7,6 @@ slow for training) and one thread each (two cores shared with the rest of the su
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -24,46 +23,9 @@ from gptkernels.evaluate import evaluate_tokens, window_starts
 from gptkernels.plotting import read_metrics
 from gptkernels.train import DEFAULTS, default_eval_steps, effective_warmup, lr_factor, resolve_options
 
-ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--emb-dim", "32", "--n-layers", "2", "--n-heads", "2", "--context-length", "32"]
+from .cli_helpers import SMALL, cli_env, one_thread, run_cli, small_corpus  # noqa: F401 (fixtures: found by name)
+
 TRAIN_KEYS = {"step", "tokens", "train_loss", "ppl", "lr", "grad_norm", "tokens_per_s"}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one intra-op thread is faster than two fighting the rest of the suite for two cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "GPTKERNELS_BACKEND": "torch", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    env.pop("WANDB_MODE", None)
-    env.update(extra)
-    return env
-
-
-def run_cli(module: str, *args: str, cwd: Path, timeout: float = 180, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd,
-        env=cli_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """~32 KB of English prose and code from CPython's docs: a char-level corpus that trains in seconds."""
-    from pydoc_data.topics import topics
-
-    path = tmp_path_factory.mktemp("corpus") / "small.txt"
-    path.write_text("".join(topics[k] for k in sorted(topics)[:8]), encoding="utf-8")
-    return path
 
 
 def train_rows(out: Path) -> list[dict]:
