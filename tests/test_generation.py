@@ -104,3 +104,30 @@ def test_needs_ids_or_prompt():
         model.generate()
     with pytest.raises(ValueError, match="not both"):
         model.generate(torch.zeros(1, 1, dtype=torch.long), prompt="x")
+
+
+def test_all_sampling_settings_reach_the_sampling_op(monkeypatch):
+    import gptkernels.generation as generation
+
+    calls = []
+    real = generation.sample
+
+    def spy(logits, **kwargs):
+        calls.append(kwargs)
+        return real(logits, **kwargs)
+
+    monkeypatch.setattr(generation, "sample", spy)
+    model = small_model()
+    idx = torch.randint(0, 50257, (1, 4))
+    model.generate(idx, 3, temperature=0.7, top_k=40, top_p=0.9, min_p=0.05, repetition_penalty=1.3, seed=0)
+    assert len(calls) == 3
+    last = calls[-1]
+    assert (last["temperature"], last["top_k"], last["top_p"], last["min_p"], last["repetition_penalty"]) == (
+        0.7,
+        40,
+        0.9,
+        0.05,
+        1.3,
+    )
+    assert last["prev_tokens"].shape == (1, 6) and torch.equal(last["prev_tokens"][:, :4], idx)
+    assert isinstance(last["generator"], torch.Generator)
