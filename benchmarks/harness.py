@@ -363,5 +363,17 @@ def bench_launches(counter: Any) -> dict[str, int]:
     return {str(k): int(v) for k, v in sorted(counter.items())}
 
 
+def warm_up_and_check(benchmark: Any, fn: Callable[[], Any], provider: str) -> None:
+    """Call ``fn`` once (compilation and autotuning happen here, outside any measurement); for the gptkernels
+    provider, prove that a Triton kernel ran and record the launches in extra_info."""
+    from gptkernels.ops import count_launches
+
+    with count_launches() as launches:
+        fn()
+    if provider == "gptkernels":
+        assert sum(launches.values()) > 0, "the gptkernels provider ran no Triton kernel"
+        benchmark.extra_info["kernel_launches"] = bench_launches(launches)
+
+
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")

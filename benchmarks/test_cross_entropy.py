@@ -90,11 +90,7 @@ def test_linear_cross_entropy(benchmark, cuda_env, cuda_device, n, provider):
         width=WIDTH,
         vocab=VOCAB,
     )
-    with ops.count_launches() as launches:
-        fn()  # warm-up: compilation and autotuning happen here, before the memory and time measurements
-    if provider == "gptkernels":
-        assert sum(launches.values()) > 0, "the gptkernels provider ran no Triton kernel"
-        benchmark.extra_info["kernel_launches"] = harness.bench_launches(launches)
+    harness.warm_up_and_check(benchmark, fn, provider)  # before the memory and time measurements
     peak_extra, peak_total = harness.peak_memory(fn, device)
     median = harness.time_cuda(benchmark, fn, rounds=10, warmup_calls=1)
     s = DTYPE.itemsize
