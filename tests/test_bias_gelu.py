@@ -101,6 +101,7 @@ def test_mixed_dtypes(device):
     g = torch.randn_like(x)
     k_out, (dx, db) = _run(_kernel, [x, b.float()], g)
     assert k_out.dtype == dx.dtype == torch.float16 and db.dtype == torch.float32
+    assert ops.bias_gelu_reference(x, b.float()).dtype == torch.float16  # both backends keep x's dtype
     r_out, r_grad = _run(ops.bias_gelu_reference, [x, b], g)  # the fp16 computation
     o_out, o_grad = _run(ops.bias_gelu_reference, [x.double(), b.double()], g.double())
     assert_close_to_oracle(k_out, r_out, o_out, torch.float16, "y")

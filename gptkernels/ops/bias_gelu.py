@@ -25,7 +25,9 @@ from .utils import FLOAT_DTYPES, check_tensor, next_power_of_2, rows_2d
 
 
 def bias_gelu_reference(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return F.gelu(x if bias is None else x + bias, approximate="tanh")
+    # The result keeps x's dtype, as the kernel does and as a Linear under autocast would (an fp32 bias
+    # parameter with bf16 activations must not promote the whole (rows, 4C) activation to fp32).
+    return F.gelu(x if bias is None else x + bias.to(x.dtype), approximate="tanh")
 
 
 # ---------------------------------------------------------------------------------------------------------
