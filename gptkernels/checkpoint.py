@@ -17,16 +17,13 @@ found by scanning the folder for ``ckpt_*.pt``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import re
-import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import torch
@@ -239,63 +236,7 @@ def load_model(path: str | Path, device: Any = "cpu", kernels: str | None = None
     return model_from_state(state, device=device, kernels=kernels), tokenizer_from_state(state)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Command-line helpers shared by train, evaluate and generate
-# ---------------------------------------------------------------------------------------------------------
-
-
-class UsageError(Exception):
-    """A mistake in the command line or its files: reported as one ``error: ...`` line, exit status 2."""
-
-
-# Errors that describe bad input rather than a bug: one line on stderr, no traceback.
-EXPECTED_ERRORS = (UsageError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError)
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse that reports a bad command line as one ``error: ...`` line (status 2) instead of usage + error."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def cli_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> NoReturn:
-    """Run ``main(argv)`` and exit: expected errors print ``error: <message>`` and exit 2; Ctrl-C exits 130."""
-    try:
-        code = main(argv)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    except BrokenPipeError:  # e.g. `... | head`: the reader is gone, nothing more to say
-        sys.stderr.close()
-        sys.exit(1)
-    except EXPECTED_ERRORS as e:
-        message = " ".join(str(e).split("\n")).strip() or type(e).__name__
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(code or 0)
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """``auto`` (or None): cuda when available, else cpu; otherwise the named device, checked."""
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UsageError(f"--device: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {name}: only cpu and cuda devices are supported")
-    return device
-
-
 __all__ = [
-    "OneLineErrorParser",
-    "UsageError",
-    "cli_main",
-    "resolve_device",
     "atomic_torch_save",
     "atomic_write_bytes",
     "checkpoint_name",

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import UsageError, cli_main, load_checkpoint, model_from_state, resolve_device, tokenizer_from_state
+from .checkpoint import load_checkpoint, model_from_state, tokenizer_from_state
+from .cli import UsageError, cli_main, resolve_device
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -141,7 +142,7 @@ def perplexity(loss: float) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .checkpoint import OneLineErrorParser
+    from .cli import OneLineErrorParser
 
     p = OneLineErrorParser(
         prog="python -m gptkernels.evaluate",

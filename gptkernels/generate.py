@@ -11,7 +11,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from .checkpoint import OneLineErrorParser, UsageError, cli_main, load_model, resolve_device
+from .checkpoint import load_model
+from .cli import OneLineErrorParser, UsageError, cli_main, resolve_device
 
 
 def build_parser() -> OneLineErrorParser:

@@ -159,7 +159,8 @@ def train_hf(o: dict[str, Any]) -> int:
     """Train with ``transformers.Trainer`` using the options of :mod:`gptkernels.train`; returns the exit status."""
     from transformers import Trainer, TrainerCallback
 
-    from .checkpoint import UsageError, save_checkpoint
+    from .checkpoint import save_checkpoint
+    from .cli import UsageError
     from .data import WindowDataset
     from .evaluate import evaluate_tokens, perplexity
     from .plotting import plot_losses
@@ -206,7 +207,7 @@ def train_hf(o: dict[str, Any]) -> int:
     warmup = effective_warmup(o["warmup_steps"], total)
     if o["wandb"]:
         os.environ.setdefault("WANDB_PROJECT", o["wandb_project"])
-    from .checkpoint import resolve_device
+    from .cli import resolve_device
 
     device = resolve_device(o["device"])
     dtype = resolve_dtype(o["dtype"], device)

@@ -56,18 +56,15 @@ from typing import Any
 import torch
 
 from .checkpoint import (
-    OneLineErrorParser,
-    UsageError,
     atomic_write_bytes,
-    cli_main,
     get_rng_state,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
-    resolve_device,
     save_checkpoint,
     set_rng_state,
 )
+from .cli import OneLineErrorParser, UsageError, cli_main, resolve_device
 from .config import PRESETS, GPTConfig
 from .evaluate import evaluate_tokens, perplexity
 

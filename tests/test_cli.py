@@ -12,7 +12,8 @@ from gptkernels import GPT, GPTConfig
 from gptkernels import evaluate as evaluate_cli
 from gptkernels import generate as generate_cli
 from gptkernels import train as train_cli
-from gptkernels.checkpoint import cli_main, list_checkpoints, load_checkpoint
+from gptkernels.checkpoint import list_checkpoints, load_checkpoint
+from gptkernels.cli import cli_main
 from gptkernels.plotting import read_metrics
 
 from .cli_helpers import SMALL, one_thread, run_cli, small_corpus  # noqa: F401 (fixtures: pytest finds them by name)

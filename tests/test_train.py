@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from gptkernels import GPT, GPTConfig
-from gptkernels.checkpoint import UsageError, latest_checkpoint, list_checkpoints, load_checkpoint
+from gptkernels.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from gptkernels.cli import UsageError
 from gptkernels.evaluate import evaluate_tokens, window_starts
 from gptkernels.plotting import read_metrics
 from gptkernels.train import DEFAULTS, default_eval_steps, effective_warmup, lr_factor, resolve_options
