@@ -22,6 +22,8 @@
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
+#include <limits>
+
 #include "sampling.h"
 
 namespace gptkernels {
@@ -238,8 +240,8 @@ __global__ void __launch_bounds__(kThreads)
   // The draw: chunk masses, their exclusive scan, and a walk of the chunk that holds the target. (The scan's
   // barriers order these default outputs before the finding thread's.)
   finish(kNoFinite, -1, NAN);
-  const int chunk = (vocab + kThreads - 1) / kThreads;
-  const int j0 = min(tid * chunk, vocab), j1 = min(j0 + chunk, vocab);
+  const int chunk = (vocab + kThreads - 1) / kThreads;   // no overflow: vocab <= INT_MAX - kThreads (host check)
+  const int j0 = min(tid * chunk, vocab), j1 = j0 + min(chunk, vocab - j0);  // j0 + chunk may exceed INT_MAX
   long long local = 0;
   for (int j = j0; j < j1; ++j) {
     const float v = x[j];
@@ -286,6 +288,9 @@ std::tuple<at::Tensor, at::Tensor> sample_tokens_cuda(const at::Tensor& logits_i
   const at::Tensor prev = prev_in.has_value() ? prev_in->contiguous() : at::Tensor();
   const int64_t B = logits.size(0), V = logits.size(1);
   const int64_t n_prev = prev.defined() ? prev.size(1) : 0;
+  // The kernel's int loops (j += kThreads) must not overflow.
+  TORCH_CHECK_VALUE(V <= std::numeric_limits<int>::max() - kThreads,
+                    "sample_tokens: vocab size must be at most 2^31 - 513 on CUDA, got ", V);
 
   at::Tensor ids = at::empty({B}, logits.options().dtype(at::kLong));
   at::Tensor logprobs = at::empty({B}, logits.options().dtype(at::kFloat));
