@@ -376,6 +376,16 @@ def test_one_dimensional_logits(impl, device):
     assert ids.shape == () and lp.shape == () and 0 <= int(ids) < 50
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_batch(impl, device):
+    """B = 0 (no launch on CUDA) gives empty outputs, drawn uniforms or given ones."""
+    logits = torch.randn(0, 33, device=device)
+    for kw in (dict(top_k=5, top_p=0.9), dict(uniforms=torch.empty(0, dtype=torch.float64, device=device))):
+        ids, lp = _run(impl, logits, **kw)
+        assert ids.shape == (0,) and ids.dtype == torch.long and lp.shape == (0,) and lp.dtype == torch.float32
+        assert ids.device == logits.device
+
+
 @needs_ext
 def test_opcheck_and_compile(device):
     b, v = 3, 17
