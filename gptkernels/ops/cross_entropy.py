@@ -9,6 +9,8 @@ gradients are finished when the forward returns: the backward only scales them b
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -123,18 +125,20 @@ def _cross_entropy_rows(
     if m == 0:
         return
     block, num_warps = row_launch(min(v, _MAX_BLOCK), logits.element_size())
-    _cross_entropy_rows_kernel[(m,)](
-        logits,
-        logits.stride(0),
-        targets,
-        loss_rows,
-        n_valid,
-        v,
-        ignore_index,
-        COMPUTE_GRAD=compute_grad,
-        BLOCK=block,
-        num_warps=num_warps,
-    )
+    # Triton launches on the current CUDA device and stream: make them logits' (tensors on another GPU).
+    with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
+        _cross_entropy_rows_kernel[(m,)](
+            logits,
+            logits.stride(0),
+            targets,
+            loss_rows,
+            n_valid,
+            v,
+            ignore_index,
+            COMPUTE_GRAD=compute_grad,
+            BLOCK=block,
+            num_warps=num_warps,
+        )
     _backend.record("cross_entropy_fwd_bwd")
 
 
