@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from . import _backend
 from ._backend import use_triton
 from ._triton import INTERPRETED, tl, triton
-from .utils import check_tensor, next_power_of_2
+from .utils import check_tensor, device_guard, next_power_of_2
 
 # ---------------------------------------------------------------------------------------------------------
 # Reference
@@ -530,7 +530,7 @@ def _launch(kernel, which: str, n_rows: int, bh: int, args: tuple, meta: dict) -
         return
     row_block = "BLOCK_N" if which == "dkdv" else "BLOCK_M"
     grid = lambda cfg: (triton.cdiv(n_rows, cfg[row_block]), bh)
-    with torch.cuda.device(args[0].device):
+    with device_guard(args[0]):
         kernel[grid](*args, **meta)
 
 

@@ -9,15 +9,13 @@ writes its column sums of dx to its own row of a (tiles_m, N) fp32 buffer, summe
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
 from . import _backend
 from ._backend import use_triton
 from ._triton import tl, triton
-from .utils import FLOAT_DTYPES, check_tensor, next_power_of_2, rows_2d
+from .utils import FLOAT_DTYPES, check_tensor, device_guard, next_power_of_2, rows_2d
 
 # ---------------------------------------------------------------------------------------------------------
 # Reference
@@ -53,6 +51,23 @@ def _gelu_sigmoid(z):
 
 
 @triton.jit
+def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's tile: its row-tile index, int64 row offsets (M * N may exceed 2**31), columns and masks.
+
+    1-D grid over tiles, column tiles fastest: neighbouring programs read neighbouring memory, and the grid never
+    meets CUDA's 65535 limit on its second dimension.
+    """
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // tiles_n
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    mask = (rows < M)[:, None] & col_ok[None, :]
+    return pid_m, rows.to(tl.int64)[:, None], cols, col_ok, mask
+
+
+@triton.jit
 def _bias_gelu_fwd_kernel(
     X,  # (M, N) pre-activation without bias, unit stride along N
     B,  # (N,) bias (read only when HAS_BIAS)
@@ -64,17 +79,7 @@ def _bias_gelu_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    # 1-D grid over tiles, column tiles fastest: neighbouring programs read neighbouring memory, and the grid
-    # never meets CUDA's 65535 limit on its second dimension.
-    pid = tl.program_id(0)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // tiles_n
-    pid_n = pid % tiles_n
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    mask = (rows < M)[:, None] & col_ok[None, :]
-    rows64 = rows.to(tl.int64)[:, None]  # M * N may exceed 2**31
+    pid_m, rows64, cols, col_ok, mask = _tile(M, N, BLOCK_M, BLOCK_N)
     z = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         z += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -102,15 +107,7 @@ def _bias_gelu_bwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // tiles_n
-    pid_n = pid % tiles_n
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    mask = (rows < M)[:, None] & col_ok[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
+    pid_m, rows64, cols, col_ok, mask = _tile(M, N, BLOCK_M, BLOCK_N)
     z = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         z += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -130,11 +127,6 @@ def _bias_gelu_bwd_kernel(
 # ---------------------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Triton launches on the current CUDA device: make it ``t``'s (tensors on another GPU than the current one)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _tile_config(M: int, N: int) -> tuple[int, int, int]:
@@ -160,7 +152,7 @@ def _bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return y
     block_m, block_n, num_warps = _tile_config(M, N)
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
-    with _device_guard(x):
+    with device_guard(x):
         _bias_gelu_fwd_kernel[grid](
             x,
             bias if bias is not None else x,
@@ -194,7 +186,7 @@ def _bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None)
     block_m, block_n, num_warps = _tile_config(M, N)
     tiles_m = triton.cdiv(M, block_m)
     db_partial = torch.empty((tiles_m, N) if bias is not None else (0,), dtype=torch.float32, device=x.device)
-    with _device_guard(x):
+    with device_guard(x):
         _bias_gelu_bwd_kernel[(tiles_m * triton.cdiv(N, block_n),)](
             dy,
             x,

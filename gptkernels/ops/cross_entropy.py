@@ -9,15 +9,13 @@ gradients are finished when the forward returns: the backward only scales them b
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
 from . import _backend
 from ._backend import use_triton
 from ._triton import tl, triton
-from .utils import check_tensor, row_launch
+from .utils import check_tensor, device_guard, row_launch
 
 # ---------------------------------------------------------------------------------------------------------
 # Reference (the CPU path and the test oracle)
@@ -126,7 +124,7 @@ def _cross_entropy_rows(
         return
     block, num_warps = row_launch(min(v, _MAX_BLOCK), logits.element_size())
     # Triton launches on the current CUDA device and stream: make them logits' (tensors on another GPU).
-    with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
+    with device_guard(logits):
         _cross_entropy_rows_kernel[(m,)](
             logits,
             logits.stride(0),

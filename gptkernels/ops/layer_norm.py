@@ -9,7 +9,6 @@ atomics, and the result is deterministic.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from . import _backend
 from ._backend import use_triton
 from ._triton import tl, triton
-from .utils import FLOAT_DTYPES, check_tensor, next_power_of_2, row_launch, rows_2d
+from .utils import FLOAT_DTYPES, check_tensor, device_guard, next_power_of_2, row_launch, rows_2d
 
 # ---------------------------------------------------------------------------------------------------------
 # Reference (the CPU path and the test oracle)
@@ -162,11 +161,6 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Triton launches on the current CUDA device: make it ``t``'s (tensors on another GPU than the current one)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _tile_config(n_cols: int, n_rows: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps): whole rows, several per tile up to 4096 fp32 values, 16 values per thread."""
     block_n, _ = row_launch(n_cols, 4)  # statistics are fp32, so the register budget is counted in fp32
@@ -213,7 +207,7 @@ def _layer_norm_fwd(
     block_m, block_n, num_warps = _tile_config(N, M)
     n_tiles = triton.cdiv(M, block_m)
     grid = (_num_programs(x.device, n_tiles, max(1, 32 // num_warps)),)
-    with _device_guard(x):
+    with device_guard(x):
         _layer_norm_fwd_kernel[grid](
             x,
             residual if residual is not None else x,
@@ -272,7 +266,7 @@ def _layer_norm_bwd(
     n_programs = _num_programs(x.device, n_tiles, max(1, 16 // num_warps))
     dw_partial = torch.empty((n_programs, N), dtype=torch.float32, device=x.device)
     db_partial = torch.empty((n_programs, N), dtype=torch.float32, device=x.device) if has_bias else dw_partial
-    with _device_guard(x):
+    with device_guard(x):
         _layer_norm_bwd_kernel[(n_programs,)](
             dy,
             x,
