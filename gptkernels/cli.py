@@ -15,6 +15,13 @@ class UsageError(Exception):
     """A mistake in the command line or its files: reported as one ``error: ...`` line, exit status 2."""
 
 
+class OutputWriteError(RuntimeError):
+    """An output file (checkpoint, metrics, shard) could not be written: disk full, file size limit, permissions.
+
+    Reported as one ``error: ...`` line with exit status 3; what was written before is left whole.
+    """
+
+
 # Errors that describe bad input rather than a bug: one line on stderr, no traceback.
 EXPECTED_ERRORS = (UsageError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError)
 
@@ -27,7 +34,8 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def cli_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> NoReturn:
-    """Run ``main(argv)`` and exit: expected errors print ``error: <message>`` and exit 2; Ctrl-C exits 130."""
+    """Run ``main(argv)`` and exit: expected errors print ``error: <message>`` and exit 2 (3 for a failed write);
+    Ctrl-C exits 130."""
     try:
         code = main(argv)
     except KeyboardInterrupt:
@@ -36,11 +44,17 @@ def cli_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
     except BrokenPipeError:  # e.g. `... | head`: the reader is gone, nothing more to say
         sys.stderr.close()
         sys.exit(1)
+    except OutputWriteError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(3)
     except EXPECTED_ERRORS as e:
-        message = " ".join(str(e).split("\n")).strip() or type(e).__name__
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code or 0)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split("\n")).strip() or type(e).__name__
 
 
 def resolve_device(name: str | None) -> torch.device:
