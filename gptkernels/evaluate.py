@@ -27,6 +27,7 @@ import torch
 
 from .checkpoint import load_checkpoint, model_from_state, tokenizer_from_state
 from .cli import UsageError, cli_main, resolve_device
+from .tokenizer import bits_per_byte, token_byte_lengths
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -79,6 +80,7 @@ def evaluate_tokens(
     autocast_dtype: torch.dtype | None = None,
     max_tokens: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    tokenizer: Any = None,
 ) -> dict[str, float]:
     """Mean next-token loss (nats) and perplexity of ``model`` over ``tokens``, every prediction counted once.
 
@@ -92,8 +94,10 @@ def evaluate_tokens(
         autocast_dtype: run the forward under ``torch.autocast`` in this dtype (None: no autocast).
         max_tokens: only the first ``max_tokens`` tokens.
         progress: called as ``progress(windows_done, windows_total)``.
+        tokenizer: the tokenizer of ``tokens``; when given, the result also has ``bytes`` (UTF-8 bytes of the
+            scored tokens) and ``bpb`` (bits per byte: comparable between tokenizers, unlike perplexity).
     Returns:
-        ``{"loss", "ppl", "tokens" (predictions scored), "windows"}``.
+        ``{"loss", "ppl", "tokens" (predictions scored), "windows"}``, plus ``{"bytes", "bpb"}`` with a tokenizer.
     """
     if isinstance(tokens, torch.Tensor):
         tokens = tokens.detach().cpu().numpy()
@@ -112,13 +116,16 @@ def evaluate_tokens(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     n_windows = len(window_starts(len(tokens) - 1, max_length, stride))
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer)) if tokenizer is not None else None
     was_training = model.training
     model.eval()
-    total, count, done = 0.0, 0, 0
+    total, count, done, n_bytes = 0.0, 0, 0, 0
     try:
         for x, y in _batches(tokens, max_length, stride, batch_size):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             n = int((y != -100).sum())
+            if byte_lengths is not None:
+                n_bytes += int(byte_lengths[y[y != -100].cpu()].sum())
             with amp:
                 _, loss = model(x, y, return_logits=False)
             total += float(loss) * n  # the model's loss is the mean over counted targets
@@ -129,7 +136,10 @@ def evaluate_tokens(
     finally:
         model.train(was_training)
     mean = total / count
-    return {"loss": mean, "ppl": perplexity(mean), "tokens": count, "windows": n_windows}
+    result = {"loss": mean, "ppl": perplexity(mean), "tokens": count, "windows": n_windows}
+    if byte_lengths is not None:
+        result.update(bytes=n_bytes, bpb=bits_per_byte(total, n_bytes))
+    return result
 
 
 def perplexity(loss: float) -> float:

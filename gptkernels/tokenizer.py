@@ -17,9 +17,11 @@ back; checkpoints and prepared token shards store it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterable
 from importlib import resources
@@ -238,6 +240,41 @@ def same_tokenizer(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return {k: v for k, v in a.items() if k != "path"} == {k: v for k, v in b.items() if k != "path"}
 
 
+def token_byte_lengths(tok: Any) -> Any:
+    """UTF-8 bytes of every token id, as a 1-D int64 numpy array of length ``n_vocab``.
+
+    Bits per byte (the tokenizer-independent score) divides a text's total loss by the bytes its tokens stand
+    for: ``lengths[targets].sum()``. A tokenizer may supply its own ``token_byte_lengths()``; otherwise GPT-2's
+    byte-level BPE gives exact byte counts, and any other tokenizer is measured by decoding each id alone.
+    Cached on the tokenizer object when it allows it.
+    """
+    import numpy as np
+
+    cached = getattr(tok, "_gptkernels_byte_lengths", None)
+    if cached is not None:
+        return cached
+    own = getattr(tok, "token_byte_lengths", None)
+    if own is not None:
+        lengths = np.asarray(own(), dtype=np.int64)
+    elif hasattr(tok, "decode_single_token_bytes"):  # tiktoken: exact bytes of each token
+        lengths = np.zeros(tok.n_vocab, dtype=np.int64)
+        for i in range(tok.n_vocab):
+            try:
+                lengths[i] = len(tok.decode_single_token_bytes(i))
+            except KeyError:  # an id with no token (gaps in a vocabulary): never a target
+                pass
+    else:
+        lengths = np.array([len(tok.decode([i]).encode("utf-8")) for i in range(tok.n_vocab)], dtype=np.int64)
+    with contextlib.suppress(AttributeError, TypeError):
+        tok._gptkernels_byte_lengths = lengths
+    return lengths
+
+
+def bits_per_byte(total_nats: float, n_bytes: int) -> float:
+    """Bits per UTF-8 byte of a text whose tokens' losses sum to ``total_nats``: comparable across tokenizers."""
+    return total_nats / (math.log(2) * n_bytes) if n_bytes > 0 else float("nan")
+
+
 def token_dtype(n_vocab: int) -> Any:
     """The smallest unsigned numpy dtype that holds every id of a vocabulary of ``n_vocab`` tokens."""
     import numpy as np
@@ -253,7 +290,9 @@ __all__ = [
     "get_tokenizer",
     "gpt2_encoding",
     "gpt2_files",
+    "bits_per_byte",
     "same_tokenizer",
+    "token_byte_lengths",
     "token_dtype",
     "tokenizer_from_spec",
     "tokenizer_to_spec",
