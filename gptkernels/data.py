@@ -35,9 +35,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .tokenizer import (
-    CharTokenizer,
     encode_ordinary,
     get_tokenizer,
+    needs_training_text,
     same_tokenizer,
     token_dtype,
     tokenizer_from_spec,
@@ -425,21 +425,18 @@ def _join(parts: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
 def _resolve_tokenizer(
     tokenizer: Any, groups: list[tuple[str, Any]], max_documents: int | None, text_column: str
 ) -> Any:
-    """``None``: the first prepared folder's tokenizer (else gpt2). ``"char"``: a vocabulary built from the raw
-    sources in one streaming pass (or a prepared folder's char tokenizer when there are no raw sources)."""
+    """``None``: the first prepared folder's tokenizer (else gpt2). ``"char"``, ``"bpe:<N>"``: a vocabulary built
+    from the raw sources in one streaming pass (or a prepared folder's own one when there are no raw sources)."""
     prepared = [value for kind, value in groups if kind == "prepared"]
     raw = [value for kind, value in groups if kind == "raw"]
     if tokenizer is None:
         return tokenizer_from_spec(read_meta(prepared[0])["tokenizer"]) if prepared else get_tokenizer("gpt2")
-    if isinstance(tokenizer, str) and tokenizer == "char":
+    if needs_training_text(tokenizer):  # "char", "bpe:<N>": built from the raw sources
         if raw:
-            seen: set[str] = set()
-            for group in raw:
-                for text in _documents(group, max_documents, text_column, {}):
-                    seen.update(text)
-            return CharTokenizer("".join(sorted(seen)))
+            docs = (text for group in raw for text in _documents(group, max_documents, text_column, {}))
+            return get_tokenizer(tokenizer, text=docs)
         spec = read_meta(prepared[0])["tokenizer"]
-        if spec["name"] == "char":
+        if spec["name"] == tokenizer.partition(":")[0]:
             return tokenizer_from_spec(spec)
     return get_tokenizer(tokenizer)
 

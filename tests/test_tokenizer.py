@@ -1,4 +1,5 @@
-"""Tokenizers: GPT-2 BPE from local files, character level, Hugging Face folders, and their specs."""
+"""Tokenizers: GPT-2 BPE from local files, character and byte level, a BPE trained on the corpus, Hugging Face
+folders, and their specs."""
 
 import json
 import pickle
@@ -7,12 +8,16 @@ import pytest
 
 from gptkernels.tokenizer import (
     ENDOFTEXT,
+    BPETokenizer,
+    ByteTokenizer,
     CharTokenizer,
     HFTokenizer,
     encode_ordinary,
     get_tokenizer,
     gpt2_files,
+    needs_training_text,
     same_tokenizer,
+    token_byte_lengths,
     token_dtype,
     tokenizer_from_spec,
     tokenizer_to_spec,
@@ -166,11 +171,132 @@ def test_hf_bad_inputs(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def test_unknown_names_and_objects():
-    with pytest.raises(ValueError, match="gpt2.*char.*hf"):
+# Byte level
+def test_byte_round_trip_ids_and_exact_byte_lengths():
+    tok = get_tokenizer("byte")
+    ids = tok.encode(UNICODE_TEXT)
+    assert isinstance(tok, ByteTokenizer) and tok.n_vocab == 257 and tok.eot_token == 256
+    assert ids == list(UNICODE_TEXT.encode("utf-8"))
+    assert tok.decode(ids) == UNICODE_TEXT
+    assert tok.decode([104, 105, 256, 104]) == f"hi{ENDOFTEXT}h"
+    assert tok.encode(ENDOFTEXT) == list(ENDOFTEXT.encode())  # special-token text is ordinary bytes
+    lengths = token_byte_lengths(tok)
+    assert int(lengths[ids].sum()) == len(UNICODE_TEXT.encode("utf-8"))
+    assert lengths[256] == len(ENDOFTEXT)  # eot counts its text's 13 bytes, as for gpt2 and char
+    assert tokenizer_from_spec(tokenizer_to_spec(tok)) == tok == pickle.loads(pickle.dumps(tok))
+    assert tokenizer_to_spec(tok) == {"name": "byte", "n_vocab": 257, "eot_token": 256}
+    with pytest.raises(ValueError, match="257"):
+        tok.decode([257])
+    with pytest.raises(TypeError, match="no options"):
+        get_tokenizer("byte", text="abc")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A BPE trained on the corpus
+@pytest.fixture(scope="module")
+def corpus_docs() -> list[str]:
+    from gptkernels.data import iter_documents
+
+    return list(iter_documents(["builtin"]))[:20]  # about 120 KB: trains in well under a second
+
+
+@pytest.fixture(scope="module")
+def bpe512(corpus_docs) -> BPETokenizer:
+    return get_tokenizer("bpe:512", text=iter(corpus_docs))  # an iterator: read once, as train streams it
+
+
+def test_bpe_trains_to_the_vocabulary_size_and_round_trips(bpe512, corpus_docs):
+    tok = bpe512
+    assert isinstance(tok, BPETokenizer) and tok.n_vocab == 512 and tok.eot_token == 0
+    for text in [UNICODE_TEXT, corpus_docs[0][:2000], "", " ", f"a{ENDOFTEXT}b"]:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert all(0 <= i < tok.n_vocab for i in ids)
+    assert 0 not in tok.encode(f"a{ENDOFTEXT}b")  # ordinary text, as tiktoken's encode_ordinary
+    assert tok.decode([5, 0, 5]).count(ENDOFTEXT) == 1
+    # it learned merges: fewer tokens than bytes on text like the corpus, and GPT-2's split keeps " the" whole
+    sample = corpus_docs[1][:3000]
+    assert len(tok.encode(sample)) < 0.6 * len(sample.encode("utf-8"))
+    assert len(tok.encode(" the")) == 1
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.decode([512])
+
+
+def test_bpe_byte_lengths_sum_to_the_utf8_length(bpe512, corpus_docs):
+    lengths = token_byte_lengths(bpe512)
+    assert lengths.shape == (512,) and lengths[0] == len(ENDOFTEXT)
+    for text in [UNICODE_TEXT, corpus_docs[2][:5000]]:
+        assert int(lengths[bpe512.encode(text)].sum()) == len(text.encode("utf-8"))
+    # each token alone decodes to exactly that many bytes (single bytes of a multi-byte character do not)
+    for i in range(1, 512):
+        piece = bpe512.decode([i])
+        if "\ufffd" not in piece:
+            assert len(piece.encode("utf-8")) == lengths[i], i
+
+
+def test_bpe_training_is_deterministic(bpe512, corpus_docs):
+    again = get_tokenizer("bpe:512", text=corpus_docs)  # a list this time, same documents
+    assert again == bpe512 and again.json == bpe512.json
+
+
+def test_bpe_spec_pickle_and_file_round_trip(bpe512, tmp_path):
+    spec = tokenizer_to_spec(bpe512)
+    assert spec["name"] == "bpe" and spec["n_vocab"] == 512 and spec["eot_token"] == 0
+    assert json.loads(json.dumps(spec)) == spec  # plain strings and ints: JSON, and weights_only torch.load
+    back = tokenizer_from_spec(spec)
+    assert back == bpe512 and back.encode(UNICODE_TEXT) == bpe512.encode(UNICODE_TEXT)
+    assert same_tokenizer(spec, tokenizer_to_spec(back))
+    assert pickle.loads(pickle.dumps(bpe512)) == bpe512
+    path = bpe512.save(tmp_path / "run")  # a folder: writes run/tokenizer.json
+    assert path.endswith("tokenizer.json")
+    assert get_tokenizer(f"bpe:{path}") == bpe512 == get_tokenizer("bpe", path=path)
+
+
+def test_bpe_spec_survives_a_weights_only_checkpoint(bpe512, tmp_path):
+    import torch
+
+    torch.save({"tokenizer": tokenizer_to_spec(bpe512)}, tmp_path / "ckpt.pt")
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert tokenizer_from_spec(state["tokenizer"]) == bpe512
+
+
+def test_bpe_bad_inputs(tmp_path, corpus_docs):
+    with pytest.raises(ValueError, match="text="):
+        get_tokenizer("bpe:512")
+    with pytest.raises(ValueError, match=">= 257"):
+        get_tokenizer("bpe:100", text=corpus_docs)
+    with pytest.raises(ValueError, match="vocabulary size"):
         get_tokenizer("bpe")
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        get_tokenizer(f"bpe:{tmp_path / 'missing.json'}")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(ValueError, match="tokenizers JSON"):
+        get_tokenizer(f"bpe:{bad}")
+
+
+def test_needs_training_text():
+    assert needs_training_text("char") and needs_training_text("bpe:4096")
+    assert not any(needs_training_text(n) for n in ["gpt2", "byte", "bpe:tok.json", "hf:x", None])
+
+
+def test_data_pipeline_trains_a_bpe_on_the_raw_sources(tmp_path):
+    from gptkernels.data import load_tokens
+
+    text = "The cat sat on the mat. The dog sat on the log. " * 40
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+    split = load_tokens([str(tmp_path / "a.txt")], "bpe:300", val_fraction=0.0, num_workers=1)
+    tok = split.tokenizer
+    assert isinstance(tok, BPETokenizer) and tok == get_tokenizer("bpe:300", text=[text])
+    assert list(split.train) == [*tok.encode(text), tok.eot_token]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def test_unknown_names_and_objects():
+    with pytest.raises(ValueError, match="gpt2.*char.*byte.*bpe.*hf"):
+        get_tokenizer("wordpiece")  # "bpe" was the example of an unknown name until BPETokenizer
     with pytest.raises(ValueError, match="unknown tokenizer"):
-        tokenizer_from_spec({"name": "bpe"})
+        tokenizer_from_spec({"name": "wordpiece"})
     with pytest.raises(ValueError, match="name"):
         tokenizer_from_spec({"chars": "ab"})
     with pytest.raises(ValueError, match="cannot describe"):
