@@ -1,4 +1,4 @@
-"""Loss and perplexity of a model on held-out tokens, and the ``python -m gptkernels.evaluate`` command.
+"""Loss, perplexity and bits per byte of a model on held-out tokens, and the ``python -m gptkernels.evaluate`` command.
 
 Sliding windows score every token exactly once: window ``w`` reads ``max_length`` tokens starting at
 ``w * stride`` and predicts the token after each of them, but only the predictions not already made by an
@@ -237,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.batch_size,
         device,
         autocast_dtype=AUTOCAST_DTYPES[args.dtype],
+        tokenizer=tokenizer,
     )
     result.update(split=split, data=list(args.data), model=label, max_length=max_length)
     result["stride"] = args.stride or max_length
@@ -244,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(result))
     else:
         print(
-            f"{label}: loss {result['loss']:.4f}, perplexity {result['ppl']:.2f} "
+            f"{label}: loss {result['loss']:.4f}, perplexity {result['ppl']:.2f}, bits per byte {result['bpb']:.4f} "
             f"({result['tokens']:,} tokens of the {split} split of {', '.join(args.data)}; "
             f"{result['windows']:,} windows of {max_length}, stride {result['stride']})"
         )

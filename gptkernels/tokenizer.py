@@ -449,6 +449,28 @@ def same_tokenizer(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return {k: v for k, v in a.items() if k != "path"} == {k: v for k, v in b.items() if k != "path"}
 
 
+def save_hf_tokenizer(tok: Any, folder: str | os.PathLike[str]) -> str:
+    """Write ``tok`` as a Hugging Face tokenizer folder (``AutoTokenizer.from_pretrained`` loads it), beside the
+    weights of :meth:`GPT.save_hf`, so that ``transformers`` and lm-eval's ``hf`` model read the same tokens.
+
+    GPT-2 (tiktoken) and :class:`BPETokenizer` only: ``<|endoftext|>`` is their bos, eos and unk token.
+    """
+    from transformers import GPT2TokenizerFast, PreTrainedTokenizerFast
+
+    specials = {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT}
+    if isinstance(tok, BPETokenizer):
+        from tokenizers import Tokenizer
+
+        hf = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tok.json), **specials)
+    elif tokenizer_to_spec(tok)["name"] == "gpt2":
+        vocab_bpe, encoder_json = gpt2_files()
+        hf = GPT2TokenizerFast(vocab_file=encoder_json, merges_file=vocab_bpe, **specials)
+    else:
+        raise ValueError(f"save_hf_tokenizer: no Hugging Face form for a {type(tok).__name__}; use gpt2 or bpe")
+    hf.save_pretrained(os.fspath(folder))
+    return os.fspath(folder)
+
+
 def token_byte_lengths(tok: Any) -> Any:
     """UTF-8 bytes of every token id, as a 1-D int64 numpy array of length ``n_vocab``.
 
@@ -504,6 +526,7 @@ __all__ = [
     "gpt2_files",
     "bits_per_byte",
     "same_tokenizer",
+    "save_hf_tokenizer",
     "token_byte_lengths",
     "token_dtype",
     "tokenizer_from_spec",

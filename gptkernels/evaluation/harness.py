@@ -1,0 +1,31 @@
+"""``python -m gptkernels.evaluation.harness ARGS``: the ``lm_eval`` command with the ``gptkernels`` model.
+
+lm-eval 0.4.13 (and earlier) finds models only in its own source tree: no entry points, no plugin option, and
+``--include_path`` adds tasks, not models. This runs lm-eval's own command line after registering
+:class:`~gptkernels.evaluation.lm_eval_model.GPTKernelsLM`, so every argument means what it means to
+``lm_eval``::
+
+    python -m gptkernels.evaluation.harness --model gptkernels --model_args checkpoint=out \\
+        --tasks hellaswag --limit 100 --batch_size 32
+
+lm-eval releases with plugin discovery (the ``lm_eval.models`` entry point group) need no wrapper: there
+``lm_eval --model gptkernels ...`` finds the model through gptkernels' installed entry point.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from lm_eval.__main__ import cli_evaluate
+
+    from . import lm_eval_model  # noqa: F401 (registers the "gptkernels" model)
+
+    sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
