@@ -9,6 +9,7 @@ prediction more context and a lower, fairer perplexity at the cost of more windo
 Usage::
 
     python -m gptkernels.evaluate --checkpoint out/ --data builtin
+    python -m gptkernels.evaluate --checkpoint out/ --task hellaswag=hellaswag_val.jsonl --limit 1000
     python -m gptkernels.evaluate --checkpoint out/ckpt_000300.pt --data notes.txt --stride 64 --json
 """
 
@@ -156,14 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = OneLineErrorParser(
         prog="python -m gptkernels.evaluate",
-        description="Loss and perplexity of a trained model on held-out text (every token scored once).",
+        description="Loss, perplexity and bits per byte of a trained model on held-out text (every token scored "
+        "once), and multiple-choice benchmarks (--task).",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="PATH", help="a checkpoint file or a training output folder (newest)")
     src.add_argument("--hf", metavar="FOLDER", help="a Hugging Face GPT-2 folder (GPT2LMHeadModel) instead")
+    p.add_argument("--data", action="append", metavar="SOURCE", help="text to score (repeatable); see train")
     p.add_argument(
-        "--data", action="append", required=True, metavar="SOURCE", help="text to score (repeatable); see train"
+        "--task",
+        action="append",
+        metavar="NAME[=SOURCE]",
+        help="a benchmark (repeatable): hellaswag=FILE.jsonl (the official format), hellaswag=hf:Rowan/hellaswag, "
+        "or hellaswag (the hub's validation split). Prints one table of every result",
     )
+    p.add_argument("--limit", type=int, help="score at most this many examples of each --task")
     p.add_argument(
         "--split",
         choices=("auto", "val", "train", "all"),
@@ -173,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-length", type=int, help="window length (default: the model's context length)")
     p.add_argument("--stride", type=int, help="window step, 1..max-length (default: max-length)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
+    p.add_argument(
+        "--batch-size", type=int, default=8, help="windows (or --task endings) per forward pass (default: 8)"
+    )
     p.add_argument("--max-tokens", type=int, help="read at most this many tokens of the data")
     p.add_argument("--tokenizer", help="with --hf: the tokenizer (default gpt2); a checkpoint brings its own")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
@@ -190,8 +200,17 @@ def _check_positive(name: str, value: int | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("max_length", "stride", "batch_size", "max_tokens"):
+    for name in ("max_length", "stride", "batch_size", "max_tokens", "limit"):
         _check_positive(name.replace("_", "-"), getattr(args, name))
+    if not args.data and not args.task:
+        raise UsageError("give --data (text to score) or --task (a benchmark), or both")
+    if args.limit is not None and not args.task:
+        raise UsageError("--limit goes with --task (use --max-tokens to shorten --data)")
+    if args.task:
+        from .evaluation import parse_task
+
+        for spec in args.task:
+            parse_task(spec)  # a bad task name fails before the model loads
     device = resolve_device(args.device)
     from .data import load_tokens
 
@@ -213,6 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dtype == "fp16" and device.type != "cuda":
         raise UsageError("--dtype fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
 
+    if not args.data:
+        return _print_tasks(args, model, tokenizer, device, label, None)
     split = args.split
     same_data = list(args.data) == list(train_args.get("data") or [])
     if split == "auto":
@@ -241,6 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     result.update(split=split, data=list(args.data), model=label, max_length=max_length)
     result["stride"] = args.stride or max_length
+    if args.task:
+        return _print_tasks(args, model, tokenizer, device, label, result)
     if args.json:
         print(json.dumps(result))
     else:
@@ -251,6 +274,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     sys.stdout.flush()
     return 0
+
+
+def _print_tasks(
+    args: argparse.Namespace, model: Any, tokenizer: Any, device: Any, label: str, data: dict[str, Any] | None
+) -> int:
+    """Run every --task and print one table (or one JSON object) with them and the --data result, if any."""
+    from .evaluation import run_task
+
+    tasks = {}
+    for spec in args.task:
+        r = run_task(
+            spec,
+            model,
+            tokenizer,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            device=device,
+            autocast_dtype=AUTOCAST_DTYPES[args.dtype],
+        )
+        tasks[r["task"]] = {k: v for k, v in r.items() if k not in ("task", "loglikelihoods")}
+    if args.json:
+        print(json.dumps({**(data or {}), "model": label, "tasks": tasks}))
+    else:
+        rows = []
+        if data is not None:
+            name = f"{', '.join(data['data'])} ({data['split']})"
+            rows += [(name, m, f"{data[m]:.4f}", f"{data['tokens']:,} tokens") for m in ("loss", "ppl", "bpb")]
+        for name, r in tasks.items():
+            rows += [(name, m, f"{r[m]:.4f}", f"{r['n']:,}") for m in ("acc", "acc_norm")]
+        print(f"{label}\n{format_table(('task', 'metric', 'value', 'n'), rows)}")
+    sys.stdout.flush()
+    return 0
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table, columns padded to their widest cell."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
 if __name__ == "__main__":
