@@ -291,6 +291,18 @@ def test_data_pipeline_trains_a_bpe_on_the_raw_sources(tmp_path):
     assert list(split.train) == [*tok.encode(text), tok.eot_token]
 
 
+def test_prepared_folder_keeps_its_trained_bpe(tmp_path):
+    from gptkernels.data import load_tokens
+    from gptkernels.prepare import prepare
+
+    (tmp_path / "a.txt").write_text("One cup of tea, two cups of tea. " * 30, encoding="utf-8")
+    prepare([str(tmp_path / "a.txt")], tmp_path / "prep", "bpe:300", num_workers=1, progress=False)
+    raw = load_tokens([str(tmp_path / "a.txt")], "bpe:300", num_workers=1)
+    for name in ("bpe:300", None):  # the folder's own BPE, trained once by prepare
+        split = load_tokens([str(tmp_path / "prep")], name)
+        assert split.tokenizer == raw.tokenizer and list(split.train) == list(raw.train)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 def test_unknown_names_and_objects():
     with pytest.raises(ValueError, match="gpt2.*char.*byte.*bpe.*hf"):
