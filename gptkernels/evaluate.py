@@ -168,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--task",
         action="append",
         metavar="NAME[=SOURCE]",
-        help="a benchmark (repeatable): hellaswag=FILE.jsonl (the official format), hellaswag=hf:Rowan/hellaswag, "
-        "or hellaswag (the hub's validation split). Prints one table of every result",
+        help="a multiple-choice benchmark (repeatable): hellaswag, arc_easy or arc_challenge, each =FILE.jsonl (the "
+        "official format) or =hf:NAME[:CONFIG]; a bare name reads the hub. Prints one table of every result",
     )
     p.add_argument("--limit", type=int, help="score at most this many examples of each --task")
     p.add_argument(

@@ -9,8 +9,10 @@ from gptkernels.evaluation import multiple_choice
 from gptkernels.evaluation.loglikelihood import score_continuations
 from gptkernels.evaluation.multiple_choice import (
     MultipleChoice,
+    arc_example,
     encode_pair,
     hellaswag_example,
+    load_arc,
     load_hellaswag,
     parse_task,
     read_jsonl,
@@ -22,6 +24,7 @@ from gptkernels.tokenizer import get_tokenizer
 from .cli_helpers import ROOT, one_thread  # noqa: F401 (fixture)
 
 SAMPLE = ROOT / "tests" / "data" / "hellaswag_sample.jsonl"
+ARC = ROOT / "tests" / "data" / "arc_sample.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -121,22 +124,46 @@ def test_scores_equal_the_reference_on_the_sample_file(byte_model):
         acc_norm += max(range(4), key=lambda i: ref[i] / len(ex.endings[i])) == ex.label
     assert r["acc"] == acc / 6 and r["acc_norm"] == acc_norm / 6
     assert run_task(f"hellaswag={SAMPLE}", model, tok)["acc"] == r["acc"]
+    arc = run_task(f"arc_easy={ARC}", model, tok, limit=2)
+    assert arc["task"] == "arc_easy" and arc["n"] == 2 and [len(x) for x in arc["loglikelihoods"]] == [4, 3]
 
 
-def test_hub_source_reads_the_validation_split(monkeypatch):
+def test_hub_sources_read_the_right_split(monkeypatch):
     import datasets
 
     calls = []
 
-    def fake_load_dataset(name, split):
-        calls.append((name, split))
-        return read_jsonl(SAMPLE)
+    def fake_load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return read_jsonl(ARC if name == "allenai/ai2_arc" else SAMPLE)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     assert load_hellaswag("hf:Rowan/hellaswag", limit=3) == load_hellaswag(str(SAMPLE), limit=3)
-    load_hellaswag("hf:Rowan/hellaswag:train", limit=1)
-    assert calls == [("Rowan/hellaswag", "validation"), ("Rowan/hellaswag", "train")]
+    assert load_arc("hf:allenai/ai2_arc:ARC-Easy") == load_arc(str(ARC))
+    assert calls == [("Rowan/hellaswag", None, "validation"), ("allenai/ai2_arc", "ARC-Easy", "test")]
     assert parse_task("hellaswag") == ("hellaswag", "hf:Rowan/hellaswag")
+    assert parse_task("arc_challenge") == ("arc_challenge", "hf:allenai/ai2_arc:ARC-Challenge")
+
+
+def test_arc_official_and_hub_records_give_lm_evals_prompt():
+    official = read_jsonl(ARC)[1]
+    hub = {  # the same question as allenai/ai2_arc stores it
+        "id": official["id"],
+        "question": official["question"]["stem"],
+        "choices": {
+            "text": [c["text"] for c in official["question"]["choices"]],
+            "label": [c["label"] for c in official["question"]["choices"]],
+        },
+        "answerKey": official["answerKey"],
+    }
+    ex = arc_example(official)
+    assert ex == arc_example(hub)
+    assert ex.context == "Question: What happens to ice left in a warm room?\nAnswer:"  # lm-eval's arc_easy prompt
+    assert ex.endings == ["It melts.", "It grows.", "It turns into sand."] and ex.label == 0
+    with pytest.raises(ValueError, match="answerKey 'E'"):
+        arc_example({**hub, "answerKey": "E"})
+    with pytest.raises(ValueError, match="not an ARC record"):
+        arc_example({"question": "q"})
 
 
 def test_bad_hellaswag_input(tmp_path):
@@ -155,7 +182,7 @@ def test_bad_hellaswag_input(tmp_path):
     bad.write_text("\n")
     with pytest.raises(ValueError, match="no HellaSwag records"):
         load_hellaswag(str(bad))
-    with pytest.raises(ValueError, match="unknown task 'piqa'"):
+    with pytest.raises(ValueError, match="unknown task 'piqa'.*arc_easy"):
         parse_task("piqa=x.jsonl")
     with pytest.raises(ValueError, match="source after"):
         parse_task("hellaswag=")

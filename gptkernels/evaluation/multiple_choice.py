@@ -13,8 +13,9 @@ Context and ending are tokenized as lm-eval does for causal models (``TemplateLM
 ``context + " " + ending`` is encoded whole and the ending is what follows the context's own tokens, so the
 numbers match ``lm_eval --tasks hellaswag`` on the same model and documents.
 
-HellaSwag's official jsonl (fields ``ctx_a``, ``ctx_b``, ``activity_label``, ``endings``, ``label``) is read
-from a local file or from the Hugging Face hub (``hf:Rowan/hellaswag``) with lm-eval's preprocessing.
+HellaSwag's official jsonl (fields ``ctx_a``, ``ctx_b``, ``activity_label``, ``endings``, ``label``) and ARC's
+(``question.stem``, ``question.choices``, ``answerKey``) are read from a local file or from the Hugging Face hub
+(``hf:Rowan/hellaswag``, ``hf:allenai/ai2_arc:ARC-Easy``) with lm-eval's preprocessing and prompts.
 """
 
 from __future__ import annotations
@@ -83,31 +84,61 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def load_hellaswag(source: str = HELLASWAG_HF, limit: int | None = None) -> list[MultipleChoice]:
-    """HellaSwag examples from a local jsonl file or ``hf:NAME[:SPLIT]`` (default split: validation).
+    """HellaSwag examples from a local jsonl file or ``hf:NAME[:CONFIG]`` (its validation split).
 
     Args:
         source: a path to the official jsonl (``hellaswag_val.jsonl``), or ``hf:Rowan/hellaswag`` (needs the
             network or the datasets cache).
         limit: only the first ``limit`` examples.
     """
-    if source.startswith("hf:"):
-        name, _, split = source[3:].partition(":")
+    return _load(source, limit, hellaswag_example, "validation", "HellaSwag")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ARC (AI2 Reasoning Challenge)
+def arc_example(doc: dict[str, Any]) -> MultipleChoice:
+    """One ARC question, from the official jsonl (``question: {stem, choices: [{text, label}]}``) or the hub's
+    ``allenai/ai2_arc`` (``question: str, choices: {text: [...], label: [...]}``), with lm-eval's prompt."""
+    try:
+        q = doc["question"]
+        stem, choices = (q["stem"], q["choices"]) if isinstance(q, dict) else (q, doc["choices"])
+        if isinstance(choices, dict):
+            texts, labels = list(choices["text"]), list(choices["label"])
+        else:
+            texts, labels = [c["text"] for c in choices], [c["label"] for c in choices]
+        key = doc["answerKey"]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"not an ARC record: missing {e}") from None
+    if key not in labels:
+        raise ValueError(f"ARC answerKey {key!r} is not one of the choice labels {labels}")
+    return MultipleChoice(f"Question: {stem}\nAnswer:", texts, labels.index(key))
+
+
+def load_arc(source: str, limit: int | None = None) -> list[MultipleChoice]:
+    """ARC questions from a local jsonl (``ARC-Easy-Test.jsonl``) or ``hf:allenai/ai2_arc:ARC-Easy`` (test split)."""
+    return _load(source, limit, arc_example, "test", "ARC")
+
+
+def _load(
+    source: str, limit: int | None, to_example: Callable[[dict[str, Any]], MultipleChoice], split: str, kind: str
+) -> list[MultipleChoice]:
+    if source.startswith("hf:"):  # hf:NAME[:CONFIG], as the data sources
+        name, _, config = source[3:].partition(":")
         from datasets import load_dataset
 
-        docs: Iterable[dict[str, Any]] = load_dataset(name, split=split or "validation")
-        where = source
+        docs: Iterable[dict[str, Any]] = load_dataset(name, config or None, split=split)
     else:
-        docs, where = read_jsonl(source), source
+        docs = read_jsonl(source)
     examples = []
     for n, doc in enumerate(docs, 1):
         if limit is not None and len(examples) >= limit:
             break
         try:
-            examples.append(hellaswag_example(doc))
+            examples.append(to_example(doc))
         except ValueError as e:
-            raise ValueError(f"{where}: record {n}: {e}") from None
+            raise ValueError(f"{source}: record {n}: {e}") from None
     if not examples:
-        raise ValueError(f"{where}: no HellaSwag records")
+        raise ValueError(f"{source}: no {kind} records")
     return examples
 
 
@@ -180,8 +211,10 @@ def _argmax(values: Sequence[float]) -> int:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Named tasks (evaluate --task NAME=SOURCE)
-TASKS: dict[str, tuple[Callable[..., list[MultipleChoice]], str]] = {
-    "hellaswag": (load_hellaswag, HELLASWAG_HF),  # loader, default source
+TASKS: dict[str, tuple[Callable[..., list[MultipleChoice]], str]] = {  # name: (loader, default source)
+    "hellaswag": (load_hellaswag, HELLASWAG_HF),
+    "arc_easy": (load_arc, "hf:allenai/ai2_arc:ARC-Easy"),
+    "arc_challenge": (load_arc, "hf:allenai/ai2_arc:ARC-Challenge"),
 }
 
 
@@ -211,9 +244,11 @@ __all__ = [
     "HELLASWAG_HF",
     "TASKS",
     "MultipleChoice",
+    "arc_example",
     "encode_pair",
     "hellaswag_example",
     "hellaswag_preprocess",
+    "load_arc",
     "load_hellaswag",
     "parse_task",
     "read_jsonl",
