@@ -293,7 +293,8 @@ def _print_tasks(
             device=device,
             autocast_dtype=AUTOCAST_DTYPES[args.dtype],
         )
-        tasks[r["task"]] = {k: v for k, v in r.items() if k not in ("task", "loglikelihoods")}
+        key = r["task"] if r["task"] not in tasks else f"{r['task']}={r['source']}"  # one task on two sources
+        tasks[key] = {k: v for k, v in r.items() if k not in ("task", "loglikelihoods")}
     if args.json:
         print(json.dumps({**(data or {}), "model": label, "tasks": tasks}))
     else:

@@ -16,6 +16,7 @@ from gptkernels.tokenizer import get_tokenizer, tokenizer_to_spec
 from .cli_helpers import ROOT, one_thread  # noqa: F401 (fixture)
 
 SAMPLE = ROOT / "tests" / "data" / "hellaswag_sample.jsonl"
+ARC = ROOT / "tests" / "data" / "arc_sample.jsonl"
 TEXT = "Tea, coffee and crème brûlée at the café. " * 20
 
 
@@ -62,8 +63,12 @@ def test_task_json_equals_the_library_result(checkpoint, capsys):
     assert got["n"] == 6 and got["source"] == str(SAMPLE)
     for metric in ("acc", "acc_norm", "acc_bytes"):
         assert got[metric] == pytest.approx(expected[metric])
-    code, out, err = run(capsys, [*argv, "--limit", "2"])
-    assert code == 0 and json.loads(out)["tasks"]["hellaswag"]["n"] == 2
+    code, out, err = run(capsys, [*argv, "--task", f"hellaswag={ARC}"])
+    assert code == 2 and "arc_sample.jsonl: record 1: not a HellaSwag record" in err  # one line, names the file
+    code, out, err = run(capsys, [*argv, "--limit", "2", "--task", f"arc_easy={ARC}", "--task", f"hellaswag={SAMPLE}"])
+    tasks = json.loads(out)["tasks"]
+    assert code == 0 and tasks["hellaswag"]["n"] == tasks["arc_easy"]["n"] == 2
+    assert tasks[f"hellaswag={SAMPLE}"]["acc"] == tasks["hellaswag"]["acc"]  # the same task twice: both kept
 
 
 def test_data_and_tasks_print_one_table(checkpoint, capsys):
