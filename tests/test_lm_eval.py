@@ -116,6 +116,11 @@ def test_model_is_registered_and_checks_its_arguments(files):
         GPTKernelsLM(checkpoint=str(files["ckpt"]), temprature=0.5)
     with pytest.raises(ValueError, match="dtype"):
         GPTKernelsLM(checkpoint=str(files["ckpt"]), dtype="int8")
+    with pytest.raises(ValueError, match="tokenizer= goes with model="):
+        GPTKernelsLM(checkpoint=str(files["ckpt"]), tokenizer="gpt2")
+    in_memory = GPTKernelsLM(model=lm.model, tokenizer=lm.tokenizer, device="cpu", dtype="bf16")  # from a notebook
+    reqs = instances("loglikelihood", [("The kettle", " boils.")])
+    assert in_memory.loglikelihood(reqs, disable_tqdm=True) == lm.loglikelihood(reqs, disable_tqdm=True)
 
 
 def test_local_tasks_through_lm_eval_agree_with_hf_and_with_evaluate(files, models, monkeypatch):

@@ -13,7 +13,8 @@ point, which lm-eval releases with plugin discovery find without any import.
 
 ``--model_args``: ``checkpoint`` (a checkpoint file or training output folder, required), ``device`` (auto),
 ``batch_size`` (16), ``kernels`` (auto, triton, torch), ``dtype`` (fp32, bf16, fp16: autocast),
-``max_gen_toks`` (256), ``seed`` (0: sampling in ``generate_until`` when a task asks for it).
+``max_gen_toks`` (256), ``seed`` (0: sampling in ``generate_until`` when a task asks for it). From Python,
+``GPTKernelsLM(model=gpt, tokenizer=tok)`` wraps a model in memory (``lm_eval.simple_evaluate(model=...)``).
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ class GPTKernelsLM(TemplateLM):
                 raise ValueError("gptkernels model: pass tokenizer= with model=")
             self.model, self.tokenizer = model.to(self._device).eval(), tokenizer
         else:
+            if tokenizer is not None:
+                raise ValueError("gptkernels model: tokenizer= goes with model=; a checkpoint brings its own")
             if checkpoint is None:
                 raise ValueError("gptkernels model: give model_args checkpoint=<checkpoint file or output folder>")
             state = load_checkpoint(checkpoint)
