@@ -21,6 +21,7 @@ what to do, and sampling runs its PyTorch implementation.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import importlib.machinery
@@ -252,7 +253,8 @@ def build_dir(spec: dict, identity: dict, sources_hash: str, compiler: str) -> P
     if spec["with_cuda"]:
         from torch.utils import cpp_extension
 
-        key["nvcc"] = _file_id(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
+        nvcc = shutil.which("nvcc", path=os.path.join(cpp_extension.CUDA_HOME or "", "bin"))
+        key["nvcc"] = _file_id(nvcc) if nvcc else None
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
     kind = "cuda" if spec["with_cuda"] else "cpu"
@@ -371,6 +373,13 @@ def _load_library(path: Path) -> str | None:
 
 
 def _first_use_build(csrc: Path | None, identity: dict, sources_hash: str | None, force: bool, note: str):
+    state = _try_first_use_build(csrc, identity, sources_hash, force, note)
+    if not state.loaded and note:  # say also why the prebuilt library was not used
+        state = dataclasses.replace(state, reason=f"{note}, and {state.reason}")
+    return state
+
+
+def _try_first_use_build(csrc: Path | None, identity: dict, sources_hash: str | None, force: bool, note: str):
     if csrc is None or sources_hash is None:
         return ExtensionState(
             False,
@@ -381,7 +390,7 @@ def _first_use_build(csrc: Path | None, identity: dict, sources_hash: str | None
     if compiler is None:
         return ExtensionState(
             False,
-            reason=f"no C++ compiler found (`{cxx}` is not on PATH)",
+            reason=f"no C++ compiler found: `{cxx}` is not on PATH",
             fix=f"install one (e.g. `apt install g++`, or set CXX), then run {BUILD_HINT}",
         )
     if not _ensure_ninja():

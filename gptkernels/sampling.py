@@ -95,13 +95,17 @@ def _sample_tokens_fake(logits, uniforms, params, row_params, prev_tokens, check
     return logits.new_empty((b,), dtype=torch.long), logits.new_empty((b,), dtype=torch.float32)
 
 
-def load_extension() -> bool:
+def load_extension(force: bool = False) -> bool:
     """Load the compiled op now, compiling it first if this torch has no build of it yet (one line is printed
-    then; about a minute, once per torch version). True when it is loaded. Later calls return at once."""
+    then; about a minute, once per torch version). True when it is loaded. Later calls return at once.
+
+    Args:
+        force: recompile the cached build first (and retry one that failed); only before the op is loaded.
+    """
     global _STATE, HAS_EXTENSION, HAS_CUDA_EXTENSION
     with _LOAD_LOCK:
         if _STATE is None:
-            state = _extension.load()
+            state = _extension.load(force=force)
             if state.loaded:
                 torch.library.register_fake("gptkernels::sample_tokens")(_sample_tokens_fake)
             HAS_EXTENSION, HAS_CUDA_EXTENSION = state.loaded, state.with_cuda
@@ -351,6 +355,7 @@ def _params_table(params: list[float], row_params: torch.Tensor | None, logits: 
     return torch.tensor(params, dtype=torch.float64, device=logits.device).expand(logits.shape[0], len(_PARAMS))
 
 
+@torch.compiler.assume_constant_result  # torch.compile runs it (loading the op) while tracing, not in the graph
 def _fallback_reason(device: torch.device) -> str | None:
     """None when the compiled op takes ``device``'s tensors, else why not and what to do, in plain words."""
     if _STATE is None:
