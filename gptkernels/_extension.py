@@ -361,6 +361,15 @@ def cached_build(spec: dict, directory: Path, force: bool = False, note: str = "
         lock.release()
 
 
+def _cached_build(spec: dict, directory: Path, force: bool, note: str) -> tuple[Path | None, str, bool]:
+    try:
+        return cached_build(spec, directory, force, note)
+    except OSError as e:  # a read-only home, a full disk
+        why = f"its cache folder {directory} is not writable ({e.strerror or e})"
+        why += "; point TORCH_EXTENSIONS_DIR at a writable folder"
+        return None, why, False
+
+
 def _load_library(path: Path) -> str | None:
     """Load a built library (registers the op); why it failed, or None."""
     import torch
@@ -399,7 +408,7 @@ def _try_first_use_build(csrc: Path | None, identity: dict, sources_hash: str | 
     if want_cuda:
         spec = build_spec(csrc, True, _cuda_arch_list())
         directory = build_dir(spec, identity, sources_hash, compiler)
-        path, why, built = cached_build(spec, directory, force, note)
+        path, why, built = _cached_build(spec, directory, force, note)
         if path is not None:
             return _loaded(path, spec, built, cuda_reason=None)
         cuda_reason = f"the CUDA build failed: {why}"
@@ -408,7 +417,7 @@ def _try_first_use_build(csrc: Path | None, identity: dict, sources_hash: str | 
         note = ""
     spec = build_spec(csrc, False, None)
     directory = build_dir(spec, identity, sources_hash, compiler)
-    path, why, built = cached_build(spec, directory, force, note)
+    path, why, built = _cached_build(spec, directory, force, note)
     if path is None:
         return ExtensionState(False, reason=why, fix=f"fix that, then run {BUILD_HINT} --force")
     return _loaded(path, spec, built, cuda_reason)

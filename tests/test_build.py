@@ -149,10 +149,12 @@ def test_first_use_build_falls_back_to_cpu_when_cuda_cannot_link(monkeypatch, no
     assert again.loaded and again.origin == "cached" and again.cuda_reason == state.cuda_reason
 
 
-@pytest.mark.parametrize("missing", ["compiler", "ninja", "sources"])
+@pytest.mark.parametrize("missing", ["compiler", "ninja", "sources", "writable cache"])
 def test_missing_tools_give_one_plain_reason_and_no_build(monkeypatch, no_prebuilt, missing):
     monkeypatch.setattr(_extension, "_compile", lambda *a: pytest.fail("must not compile"))
-    if missing == "compiler":
+    if missing == "writable cache":
+        no_prebuilt.write_text("a file where the cache folder should be")
+    elif missing == "compiler":
         monkeypatch.setenv("CXX", "/nonexistent/g++")
     elif missing == "ninja":
         monkeypatch.setattr(_extension, "_ensure_ninja", lambda: False)
@@ -164,8 +166,9 @@ def test_missing_tools_give_one_plain_reason_and_no_build(monkeypatch, no_prebui
         "compiler": ("no C++ compiler found: `/nonexistent/g++`", "apt install g++"),
         "ninja": ("ninja is not installed", "pip install ninja"),
         "sources": ("C++ sources are not in the installed package", "reinstall"),
+        "writable cache": (f"its cache folder {no_prebuilt / 'gptkernels'}", "TORCH_EXTENSIONS_DIR"),
     }[missing]
-    assert expected[0] in state.reason and expected[1] in state.fix
+    assert expected[0] in state.reason and expected[1] in f"{state.reason} {state.fix}"
     assert state.describe() == f"PyTorch fallback ({state.reason})"
 
 
