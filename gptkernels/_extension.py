@@ -16,7 +16,8 @@
 Where torch has CUDA and a toolkit is found, the CUDA kernel is built with the CPU one; if that build fails (a
 toolkit that cannot link, ``cannot find -lcudart``) the CPU op is built alone, with one line saying why. When
 nothing can be built (no compiler, no ninja, a compile error) :class:`ExtensionState` says why in plain words and
-what to do, and sampling runs its PyTorch implementation.
+what to do, and sampling runs its PyTorch implementation. ``GPTKERNELS_SKIP_EXTENSION=1`` skips all of this (the
+PyTorch implementation runs); ``GPTKERNELS_SKIP_CUDA=1`` builds the CPU op alone.
 """
 
 from __future__ import annotations
@@ -411,7 +412,7 @@ def _try_first_use_build(csrc: Path | None, identity: dict, sources_hash: str | 
         path, why, built = _cached_build(spec, directory, force, note)
         if path is not None:
             return _loaded(path, spec, built, cuda_reason=None)
-        cuda_reason = f"the CUDA build failed: {why}"
+        cuda_reason = f"the CUDA build failed: {why}; fix it, then run {BUILD_HINT} --force"
         if built:  # said once, when it happens; later processes go straight to the CPU op
             _announce(f"the CUDA sampling op could not be built ({why}); building the C++ op for CPU alone")
         note = ""
