@@ -314,10 +314,10 @@ def cached_build(spec: dict, directory: Path, force: bool = False, note: str = "
     done, failed, log = directory / "build.json", directory / "failed.json", directory / "build.log"
 
     def finished() -> tuple[Path | None, str, bool] | None:
-        if (record := _read_json(done)) is not None and (directory / record["library"]).is_file():
+        if (record := _read_json(done)) is not None and (directory / str(record.get("library"))).is_file():
             return directory / record["library"], "", False
         if (record := _read_json(failed)) is not None:
-            return None, record["reason"], False
+            return None, str(record.get("reason")), False
         return None
 
     if not force and (found := finished()) is not None:

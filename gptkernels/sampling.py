@@ -105,7 +105,11 @@ def load_extension(force: bool = False) -> bool:
     global _STATE, HAS_EXTENSION, HAS_CUDA_EXTENSION
     with _LOAD_LOCK:
         if _STATE is None:
-            state = _extension.load(force=force)
+            try:
+                state = _extension.load(force=force)
+            except Exception as e:  # noqa: BLE001 - whatever breaks in the loader, sampling must still work
+                reason = f"loading it failed ({type(e).__name__}: {_extension._plain(e)})"
+                state = _extension.ExtensionState(False, reason=reason, fix="report this as a gptkernels bug")
             if state.loaded:
                 torch.library.register_fake("gptkernels::sample_tokens")(_sample_tokens_fake)
             HAS_EXTENSION, HAS_CUDA_EXTENSION = state.loaded, state.with_cuda
@@ -115,7 +119,7 @@ def load_extension(force: bool = False) -> bool:
 
 def extension_status() -> str:
     """Which sampling implementation runs, in a few words, e.g. ``compiled C++ op (CPU), CUDA op (9.0+PTX)`` or
-    ``PyTorch fallback (no C++ compiler found (`c++` is not on PATH))``. Loads the op first (see
+    ``PyTorch fallback (no C++ compiler found: `c++` is not on PATH)``. Loads the op first (see
     :func:`load_extension`)."""
     load_extension()
     return _STATE.describe()

@@ -228,3 +228,19 @@ def test_build_command_without_a_compiler_says_what_is_missing(tmp_path):
     assert result.returncode == 1, result.stderr
     assert "sampling op: PyTorch fallback (no C++ compiler found" in result.stdout
     assert "to build it: install one" in result.stdout
+
+
+def test_a_broken_loader_leaves_sampling_working(monkeypatch):
+    from gptkernels import sampling
+
+    for name in ("HAS_EXTENSION", "HAS_CUDA_EXTENSION", "_STATE"):  # restored after the test
+        monkeypatch.setattr(sampling, name, getattr(sampling, name))
+    monkeypatch.setattr(sampling, "_STATE", None)
+    monkeypatch.setattr(sampling, "_WARNED", set())
+    monkeypatch.setattr(_extension, "load", lambda force=False: {}["a bug"])
+    assert sampling.load_extension() is False
+    assert sampling.extension_status() == "PyTorch fallback (loading it failed (KeyError: 'a bug'))"
+    logits, u = torch.randn(2, 50), torch.rand(2, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="slower PyTorch implementation because .*loading it failed"):
+        ids = sampling.sample(logits, top_p=0.9, uniforms=u)
+    assert torch.equal(ids, sampling.sample_reference(logits, top_p=0.9, uniforms=u))
