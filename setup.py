@@ -101,7 +101,7 @@ def _cpu_only(ext) -> None:
 def _first_error(e: BaseException) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     for line in lines:
-        if "error" in line.lower() or "cannot find" in line.lower():
+        if "error:" in line.lower() or "cannot find" in line.lower():
             return line[:200]
     return (lines[-1] if lines else type(e).__name__)[:200]
 

@@ -266,7 +266,7 @@ def _first_error(log_text: str) -> str:
     lines = [line.strip() for line in log_text.splitlines() if line.strip()]
     for line in lines:
         low = line.lower()
-        if "error" in low or "cannot find" in low or "no such file" in low:
+        if "error:" in low or "cannot find" in low or "no such file" in low:  # compiler, linker, exception
             return line[:200]
     return (lines[-1] if lines else "no output")[:200]
 
