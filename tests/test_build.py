@@ -244,3 +244,13 @@ def test_a_broken_loader_leaves_sampling_working(monkeypatch):
     with pytest.warns(RuntimeWarning, match="slower PyTorch implementation because .*loading it failed"):
         ids = sampling.sample(logits, top_p=0.9, uniforms=u)
     assert torch.equal(ids, sampling.sample_reference(logits, top_p=0.9, uniforms=u))
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="compares the CPU build's flags")
+def test_first_use_build_compiles_with_setup_py_flags():
+    (ext,), _ = _load_setup_py()._extensions()
+    spec = _extension.build_spec(ROOT / "csrc", with_cuda=False, arch_list=None)
+    assert spec["cflags"] == ext.extra_compile_args["cxx"] and spec["ldflags"] == ext.extra_link_args
+    assert [Path(s).name for s in spec["sources"]] == [Path(s).name for s in ext.sources]
+    if sys.platform.startswith("linux"):  # without OpenMP in the object, at::parallel_for runs on one thread
+        assert "-fopenmp" in spec["cflags"] and "-fopenmp" in spec["ldflags"] and "-O3" in spec["cflags"]
