@@ -1,8 +1,11 @@
 """Token sampling: repetition penalty, temperature, top-k, top-p and min-p, then one draw per row, in one call.
 
 :func:`sample` runs the compiled op ``torch.ops.gptkernels.sample_tokens`` (``csrc/sampling.cpp`` on the CPU,
-``csrc/sampling_cuda.cu`` on CUDA; built by ``setup.py``). Without it, it runs :func:`sample_reference`, the
-pure-PyTorch version of the same computation, and warns once.
+``csrc/sampling_cuda.cu`` on CUDA), loaded on first use: built by ``setup.py`` when torch was there at install time,
+else compiled once and cached (see ``gptkernels/_extension.py``; ``python -m gptkernels.build`` does it ahead of
+time). Without it, it runs :func:`sample_reference`, the pure-PyTorch version of the same computation, and warns
+once saying why. :func:`extension_status` (and ``HAS_EXTENSION`` / ``HAS_CUDA_EXTENSION``, which load the op when
+first read) tell which one runs.
 
 Semantics, per row, in this order (one threshold per filter; a filter set to None is off):
 
@@ -37,23 +40,15 @@ logits; a CPU one costs a host-to-device copy).
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from numbers import Integral, Real
 
 import torch
 
-try:  # importing the extension registers torch.ops.gptkernels.sample_tokens
-    from . import _C
+from . import _extension
 
-    HAS_EXTENSION = True
-    HAS_CUDA_EXTENSION = bool(_C.WITH_CUDA)
-    _EXTENSION_ERROR: str | None = None
-except (ImportError, OSError) as _e:  # not built, or built against another torch
-    HAS_EXTENSION = False
-    HAS_CUDA_EXTENSION = False
-    _EXTENSION_ERROR = f"{type(_e).__name__}: {_e}"
-
-__all__ = ["HAS_CUDA_EXTENSION", "HAS_EXTENSION", "sample", "sample_reference"]
+__all__ = ["HAS_CUDA_EXTENSION", "HAS_EXTENSION", "extension_status", "load_extension", "sample", "sample_reference"]
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _PARAMS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")  # columns of the (B, 5) params
@@ -87,12 +82,56 @@ _POLY = tuple(
 _LN2 = 0.6931471805599453
 
 
-if HAS_EXTENSION:
+# ---------------------------------------------------------------------------------------------------------
+# The compiled op: loaded (built if need be) on first use, not at import
+# ---------------------------------------------------------------------------------------------------------
 
-    @torch.library.register_fake("gptkernels::sample_tokens")
-    def _sample_tokens_fake(logits, uniforms, params, row_params, prev_tokens, check):
-        b = logits.shape[0]
-        return logits.new_empty((b,), dtype=torch.long), logits.new_empty((b,), dtype=torch.float32)
+_STATE: _extension.ExtensionState | None = None  # set once by load_extension()
+_LOAD_LOCK = threading.Lock()
+
+
+def _sample_tokens_fake(logits, uniforms, params, row_params, prev_tokens, check):
+    b = logits.shape[0]
+    return logits.new_empty((b,), dtype=torch.long), logits.new_empty((b,), dtype=torch.float32)
+
+
+def load_extension(force: bool = False) -> bool:
+    """Load the compiled op now, compiling it first if this torch has no build of it yet (one line is printed
+    then; about a minute, once per torch version). True when it is loaded. Later calls return at once.
+
+    Args:
+        force: recompile the cached build first (and retry one that failed); only before the op is loaded.
+    """
+    global _STATE, HAS_EXTENSION, HAS_CUDA_EXTENSION
+    with _LOAD_LOCK:
+        if _STATE is None:
+            try:
+                state = _extension.load(force=force)
+            except Exception as e:  # noqa: BLE001 - whatever breaks in the loader, sampling must still work
+                reason = f"loading it failed ({type(e).__name__}: {_extension._plain(e)})"
+                state = _extension.ExtensionState(False, reason=reason, fix="report this as a gptkernels bug")
+            if state.loaded:
+                torch.library.register_fake("gptkernels::sample_tokens")(_sample_tokens_fake)
+            HAS_EXTENSION, HAS_CUDA_EXTENSION = state.loaded, state.with_cuda
+            _STATE = state
+    return HAS_EXTENSION
+
+
+def extension_status() -> str:
+    """Which sampling implementation runs, in a few words, e.g. ``compiled C++ op (CPU), CUDA op (9.0+PTX)`` or
+    ``PyTorch fallback (no C++ compiler found: `c++` is not on PATH)``. Loads the op first (see
+    :func:`load_extension`)."""
+    load_extension()
+    return _STATE.describe()
+
+
+def __getattr__(name: str):
+    # HAS_EXTENSION / HAS_CUDA_EXTENSION are only known once the op is loaded: reading them loads it, then they
+    # are plain module attributes.
+    if name in ("HAS_EXTENSION", "HAS_CUDA_EXTENSION"):
+        load_extension()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -320,22 +359,30 @@ def _params_table(params: list[float], row_params: torch.Tensor | None, logits: 
     return torch.tensor(params, dtype=torch.float64, device=logits.device).expand(logits.shape[0], len(_PARAMS))
 
 
+@torch.compiler.assume_constant_result  # torch.compile runs it (loading the op) while tracing, not in the graph
 def _fallback_reason(device: torch.device) -> str | None:
+    """None when the compiled op takes ``device``'s tensors, else why not and what to do, in plain words."""
+    if _STATE is None:
+        load_extension()
     if not HAS_EXTENSION:
-        return f"the compiled extension gptkernels._C is not available ({_EXTENSION_ERROR})"
+        if _STATE.loaded:  # switched off by hand (tests)
+            return "the compiled sampling op is switched off (HAS_EXTENSION = False)"
+        return f"the compiled sampling op is not built: {_STATE.reason}. To build it: {_STATE.fix}"
     if device.type == "cpu":
         return None
     if device.type == "cuda":
-        return None if HAS_CUDA_EXTENSION else "gptkernels._C was built without CUDA"
-    return f"gptkernels._C has no kernel for {device.type} tensors"
+        if HAS_CUDA_EXTENSION:
+            return None
+        why = _STATE.cuda_reason or "this torch has no CUDA"
+        return f"the compiled sampling op has no CUDA kernel here: {why}"
+    return f"the compiled sampling op has no kernel for {device.type} tensors"
 
 
 def _warn_once(reason: str) -> None:
     if reason not in _WARNED:
         _WARNED.add(reason)
         warnings.warn(
-            f"gptkernels.sample: using the slower PyTorch implementation: {reason}. Build the extension with "
-            "`pip install --no-build-isolation -e .` (torch must be installed first).",
+            f"gptkernels.sample: using the slower PyTorch implementation because {reason}",
             RuntimeWarning,
             stacklevel=3,
         )
