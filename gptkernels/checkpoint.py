@@ -104,7 +104,7 @@ _TORCH_WRITE_FAILURES = ("inline_container", "PytorchStreamWriter", "file write 
 
 def _is_write_failure(e: BaseException) -> bool:
     if isinstance(e, OSError):
-        return True
+        return e.errno is not None  # a system call failed (not an error raised by our own checks)
     return isinstance(e, RuntimeError) and any(m in str(e) for m in _TORCH_WRITE_FAILURES)
 
 

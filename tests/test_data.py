@@ -395,7 +395,8 @@ def test_prepare_refuses_to_overwrite(tmp_path, corpus, capsys):
     assert "--overwrite" in err and err.count("\n") == 1
     assert (out / "keep.txt").exists()
     assert prepare_main([str(corpus), "--out", str(out), "--quiet", "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "meta.json").exists()
+    # --overwrite replaces what prepare writes, never the user's own files (issue 13: it deleted them).
+    assert (out / "keep.txt").read_text(encoding="utf-8") == "precious" and (out / "meta.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "out"]
 
 
@@ -498,3 +499,42 @@ def test_char_prepared_folder_brings_its_own_tokenizer(char_prepared):
     assert load_tokens([str(char_prepared)], "char").tokenizer == own
     with pytest.raises(ValueError, match="another tokenizer.*give the folder's own"):
         load_tokens([str(char_prepared)], "gpt2")
+
+
+def test_prepare_overwrite_replaces_only_its_own_files(tmp_path, corpus, gpt2):
+    out = tmp_path / "out"
+    prepare(["builtin"], out, gpt2, progress=False, max_tokens=4000, shard_tokens=1000)
+    assert len(read_meta(out)["shards"]["train"]) == 4
+    (out / "notes.md").write_text("mine", encoding="utf-8")
+    (out / "sub").mkdir()
+    (out / "sub" / "data.txt").write_text("also mine", encoding="utf-8")
+    meta = prepare([str(corpus)], out, gpt2, progress=False, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "meta.json",
+        "notes.md",
+        "sub",
+        "train_000000.bin",
+        "val_000000.bin",
+    ]
+    assert (out / "sub" / "data.txt").read_text(encoding="utf-8") == "also mine"
+    assert len(load_tokens([str(out)], gpt2).train) == meta["train_tokens"]
+    (out / "meta.json").write_text('{"mine": true}', encoding="utf-8")  # not prepare's: never replaced
+    with pytest.raises(FileExistsError, match="meta.json exists and was not written by gptkernels.prepare"):
+        prepare([str(corpus)], out, gpt2, progress=False, overwrite=True)
+    assert (out / "meta.json").read_text(encoding="utf-8") == '{"mine": true}'
+
+
+def test_prepare_write_failure_exits_3_naming_the_file(tmp_path, corpus):
+    # `ulimit -f` in the child: the shard write fails with EFBIG (Python ignores SIGXFSZ).
+    out = tmp_path / "out"
+    code = f"""
+import resource, sys
+from gptkernels.prepare import main
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+sys.exit(main(["builtin", "--out", {str(out)!r}, "--quiet", "--max-tokens", "20000"]))
+"""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert r.stderr.count("\n") == 1 and "cannot write" in r.stderr and "train_000000.bin" in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]  # the temporary folder is gone
