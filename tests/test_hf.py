@@ -126,3 +126,67 @@ def test_patch_hf_gpt2_generate_with_cache_matches():
 def test_patch_hf_gpt2_rejects_other_models():
     with pytest.raises(TypeError, match="GPT2LMHeadModel"):
         patch_hf_gpt2(torch.nn.Linear(2, 2))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# patch_hf_gpt2 keeps the original forward's arguments (issue 13: position_ids and friends were dropped)
+def _left_padded_batch():
+    ids = torch.randint(1, 211, (3, 7))
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0  # left padding, as batched generation does
+    ids[1, :1], mask[1, :1] = 0, 0
+    return ids, mask
+
+
+def test_patch_hf_gpt2_generate_left_padded_batch_matches():
+    ids, mask = _left_padded_batch()
+    ref, patched = random_hf_gpt2(), patch_hf_gpt2(random_hf_gpt2(), kernels="torch")
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(patched.generate(ids, **kw), ref.generate(ids, **kw), rtol=0, atol=0)
+    with torch.no_grad():  # scores too, step by step through the cache
+        a = ref.generate(ids, **kw, output_scores=True, return_dict_in_generate=True)
+        b = patched.generate(ids, **kw, output_scores=True, return_dict_in_generate=True)
+    for sa, sb in zip(a.scores, b.scores):
+        torch.testing.assert_close(sb, sa, atol=1e-4, rtol=0)
+
+
+def test_patch_hf_gpt2_accepts_every_argument_of_the_original_forward():
+    import inspect
+
+    ref, patched = random_hf_gpt2(), patch_hf_gpt2(random_hf_gpt2(), kernels="torch")
+    assert inspect.signature(patched.forward) == inspect.signature(ref.forward)
+    ids, mask = _left_padded_batch()
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    types = torch.randint(0, 211, ids.shape)
+    with torch.no_grad():
+        for kwargs in (
+            dict(attention_mask=mask, position_ids=pos, labels=ids),
+            dict(attention_mask=mask, token_type_ids=types),
+            dict(inputs_embeds=ref.transformer.wte(ids), attention_mask=mask),
+            dict(attention_mask=mask, logits_to_keep=1),
+        ):
+            call = {k: v for k, v in kwargs.items() if k != "inputs_embeds"}
+            args = () if "inputs_embeds" in kwargs else (ids,)
+            if "inputs_embeds" in kwargs:
+                call["inputs_embeds"] = patched.transformer.wte(ids)
+            a, b = ref(*args, **kwargs), patched(*args, **call)
+            torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=0, msg=str(sorted(kwargs)))
+            if "labels" in kwargs:
+                torch.testing.assert_close(b.loss, a.loss, atol=1e-5, rtol=0)
+        # the cache of a first call continues in a second, and return_dict=False gives the same tuple
+        first_a = ref(ids[:, :4], attention_mask=mask[:, :4], use_cache=True)
+        first_b = patched(ids[:, :4], attention_mask=mask[:, :4], use_cache=True)
+        key = "cache" if "cache" in first_a else "past_key_values"
+        a = ref(ids[:, 4:], attention_mask=mask, **{key: first_a[key]})
+        b = patched(ids[:, 4:], attention_mask=mask, **{key: first_b[key]})
+        torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=0)
+        ta = ref(ids, labels=ids, return_dict=False)
+        tb = patched(ids, labels=ids, return_dict=False)
+        assert isinstance(tb, tuple) and len(tb) == len(ta)
+        torch.testing.assert_close(tb[0], ta[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(tb[1], ta[1], atol=1e-4, rtol=0)
+    # training mode with labels: the fused loss, also as a tuple, and with Trainer's num_items_in_batch
+    ref.train(), patched.train()
+    a = ref(ids, attention_mask=mask, labels=ids, return_dict=False, num_items_in_batch=11)
+    b = patched(ids, attention_mask=mask, labels=ids, return_dict=False, num_items_in_batch=11)
+    torch.testing.assert_close(b[0], a[0], atol=1e-5, rtol=0)
