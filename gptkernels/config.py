@@ -33,6 +33,7 @@ class GPTConfig:
     n_layers: int = 12  # transformer blocks
     drop_rate: float = 0.0  # dropout on embeddings, attention probabilities and residual branches
     qkv_bias: bool = True  # bias in the fused q/k/v projection (GPT-2 has one; many from-scratch models do not)
+    tie_embeddings: bool = True  # the LM head is the token embedding (GPT-2); False: its own weight
     layer_norm_eps: float = 1e-5
     kernels: str = "auto"  # "torch": PyTorch ops; "triton": fused kernels; "auto": kernels where they can run
 
@@ -43,8 +44,9 @@ class GPTConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.qkv_bias, bool):
-            raise ValueError(f"GPTConfig.qkv_bias must be true or false, got {self.qkv_bias!r}")
+        for name in ("qkv_bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GPTConfig.{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("drop_rate", "layer_norm_eps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):

@@ -61,7 +61,8 @@ class GPT(nn.Module):
             )
         )
         self.lm_head = nn.Linear(config.emb_dim, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.loss_fn = LMHeadLoss(kernels=config.kernels)
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layers) so the residual stream does not grow.

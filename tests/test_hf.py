@@ -190,3 +190,96 @@ def test_patch_hf_gpt2_accepts_every_argument_of_the_original_forward():
     a = ref(ids, attention_mask=mask, labels=ids, return_dict=False, num_items_in_batch=11)
     b = patched(ids, attention_mask=mask, labels=ids, return_dict=False, num_items_in_batch=11)
     torch.testing.assert_close(b[0], a[0], atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# from_hf: configs this GPT cannot compute are refused, the untied head is supported (issue 13)
+def _tiny_hf(**config):
+    cfg = transformers.GPT2Config(
+        vocab_size=67, n_positions=24, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0, **config
+    )
+    torch.manual_seed(2)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(tie_word_embeddings=False),
+        dict(reorder_and_upcast_attn=True, attn_implementation="eager"),  # the same function, upcast
+        dict(n_inner=128),  # 4 * n_embd, spelled out
+        dict(activation_function="gelu_pytorch_tanh"),
+    ],
+)
+def test_from_hf_supported_configs_give_the_same_logits(config, tmp_path):
+    hf = _tiny_hf(**config)
+    if not hf.config.tie_word_embeddings:
+        assert hf.lm_head.weight is not hf.transformer.wte.weight
+    model = GPT.from_hf(hf, kernels="torch").eval()
+    idx = torch.randint(0, 67, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), hf(idx).logits, atol=1e-4, rtol=0)
+    if not hf.config.tie_word_embeddings:  # and back out: still untied in transformers
+        back = transformers.GPT2LMHeadModel.from_pretrained(model.save_hf(tmp_path / "untied")).eval()
+        assert not back.config.tie_word_embeddings
+        with torch.no_grad():
+            torch.testing.assert_close(back(idx).logits, hf(idx).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (dict(scale_attn_weights=False), "scale_attn_weights=False"),
+        (dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx=True"),
+        (dict(n_inner=80), "n_inner=80"),
+        (dict(activation_function="relu"), "activation_function='relu'"),
+        (dict(activation_function="gelu"), "activation_function='gelu'"),  # erf GELU: close, but not the same
+    ],
+)
+def test_from_hf_refuses_configs_it_would_compute_differently(config, message, tmp_path):
+    hf = _tiny_hf(**config)
+    with pytest.raises(ValueError, match=f"cannot load this GPT-2 exactly; unsupported: {message}"):
+        GPT.from_hf(hf, kernels="torch")
+    hf.save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match=message):
+        GPT.from_hf(tmp_path / "m", kernels="torch")
+
+
+def test_from_hf_checks_the_logits_after_loading():
+    hf = _tiny_hf()
+    hf.transformer.h[1].attn.scaling = 1.0  # a change its config does not show
+    with pytest.raises(ValueError, match="logits differ from the Hugging Face model's"):
+        GPT.from_hf(hf, kernels="torch")
+
+
+def test_from_hf_names_that_mean_a_local_folder_never_go_to_the_network(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # even online
+    _tiny_hf().save_pretrained(tmp_path / "out" / "tiny-hf")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("went to the hub")
+
+    monkeypatch.setattr(transformers.GPT2LMHeadModel, "from_pretrained", no_network)
+    (tmp_path / "tiny-hf2").mkdir()
+    start = time.monotonic()
+    for name, message in [
+        ("out/tiny-hff", r"no such model folder: out/tiny-hff \(out/ is a local folder\)"),
+        ("./tiny", "no such model folder: tiny"),
+        ("tiny-hf", r"no such model folder: tiny-hf \(did you mean tiny-hf2\?\)"),  # a typo-like name
+    ]:
+        with pytest.raises(FileNotFoundError, match=message):
+            GPT.from_hf(name)
+    assert time.monotonic() - start < 5
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        GPT.from_hf("empty")
+
+
+def test_from_hf_hub_name_offline_not_cached_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="not a local folder nor in the Hugging Face cache"):
+        GPT.from_hf("nobody-has-this/gpt2-model-xyz")
