@@ -16,6 +16,7 @@ it into training windows, with the next-token shift done here (``shift="explicit
 from __future__ import annotations
 
 import codecs
+import contextlib
 import itertools
 import json
 import mmap
@@ -269,6 +270,31 @@ def _iter_builtin() -> Iterator[str]:
 
 
 def _iter_datasets(label: str, text_column: str, *args: Any, **kwargs: Any) -> Iterator[str]:
+    with _hub_errors(label):
+        yield from _iter_rows(label, text_column, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _hub_errors(label: str) -> Iterator[None]:
+    """A dataset that cannot be fetched (no network, offline mode, not in the cache, no such dataset) is one
+    ``ValueError`` line instead of ``datasets``' ConnectionError traceback."""
+    try:
+        yield
+    except (ConnectionError, FileNotFoundError, TimeoutError) as e:
+        raise ValueError(_hub_message(label, e)) from None
+    except Exception as e:
+        if type(e).__name__ in ("DatasetNotFoundError", "LocalEntryNotFoundError", "OfflineModeIsEnabled"):
+            raise ValueError(_hub_message(label, e)) from None
+        raise
+
+
+def _hub_message(label: str, e: BaseException) -> str:
+    offline = any(os.environ.get(v, "") not in ("", "0") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    why = "offline mode (HF_HUB_OFFLINE)" if offline else "no network, or no such dataset"
+    return f"data source {label!r}: cannot fetch it: {why}, and the dataset is not in the local cache ({e})"
+
+
+def _iter_rows(label: str, text_column: str, *args: Any, **kwargs: Any) -> Iterator[str]:
     import datasets
 
     ds = datasets.load_dataset(*args, split="train", streaming=True, **kwargs)
@@ -291,7 +317,7 @@ def _iter_source(kind: str, value: Any, stats: dict[str, Any], text_column: str)
         yield from _iter_datasets(f"hf:{name}", text_column, name, config)
     elif kind == "datasets":
         builder, p = value
-        yield from _iter_datasets(str(p), text_column, builder, data_files=str(p))
+        yield from _iter_rows(str(p), text_column, builder, data_files=str(p))
     elif kind == "folder":
         yield from _iter_folder(value, stats)
     elif kind == "file":

@@ -99,6 +99,18 @@ def _offline() -> bool:
 
 
 def _from_pretrained(transformers: Any, name: str) -> Any:
+    from transformers.utils import logging
+
+    shown = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()  # a "Loading weights" bar per call would bury the CLIs' one-line output
+    try:
+        return _load_hf(transformers, name)
+    finally:
+        if shown:
+            logging.enable_progress_bar()
+
+
+def _load_hf(transformers: Any, name: str) -> Any:
     """``GPT2LMHeadModel.from_pretrained`` for a local folder (never the network) or, for a name that cannot be a
     local folder, a hub name: from the local cache first, then (when online) the hub."""
     path = Path(name).expanduser()
@@ -218,5 +230,13 @@ def save_hf(model: GPT, folder: str | Path) -> Path:
             for i in range(cfg.n_layers):
                 sd_hf[f"transformer.h.{i}.attn.c_attn.bias"].zero_()
     folder = Path(folder)
-    hf.save_pretrained(str(folder))
+    from transformers.utils import logging
+
+    shown = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()  # no "Writing model shards" bar for a few small files
+    try:
+        hf.save_pretrained(str(folder))
+    finally:
+        if shown:
+            logging.enable_progress_bar()
     return folder
