@@ -180,13 +180,15 @@ def check_same_logits(model: GPT, hf: Any, length: int = 16) -> float:
     n = min(length, model.config.context_length)
     idx = (torch.arange(n, dtype=torch.long) * 7919 + 13) % model.config.vocab_size  # spread over the vocabulary
     idx = idx[None]
-    was = model.training, hf.training
+    was = model.training, hf.training, model.config.kernels, model.transformer.wte.weight.device
     model.eval(), hf.eval()
+    model.set_kernels("torch")  # the check is of the weights and the math, on any device: PyTorch's ops
     try:
         ours = model.to(p.device)(idx.to(p.device)).float()
         theirs = hf(idx.to(p.device)).logits.float()
     finally:
         model.train(was[0]), hf.train(was[1])
+        model.set_kernels(was[2]).to(was[3])
     err = float((ours - theirs).abs().max()) / max(1.0, float(theirs.abs().max()))
     tol = _LOGIT_TOLERANCE.get(p.dtype, 1e-1)
     if not err <= tol:  # also catches NaN
