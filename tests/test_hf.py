@@ -283,3 +283,11 @@ def test_from_hf_hub_name_offline_not_cached_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="not a local folder nor in the Hugging Face cache"):
         GPT.from_hf("nobody-has-this/gpt2-model-xyz")
+
+
+def test_from_hf_with_triton_kernels_loads_where_the_kernels_cannot_run(monkeypatch):
+    from gptkernels.ops import _backend
+
+    monkeypatch.setattr(_backend, "interpreter_on", lambda: False)  # a CPU without TRITON_INTERPRET=1
+    model = GPT.from_hf(_tiny_hf(), kernels="triton")  # the logit check after loading uses PyTorch's ops
+    assert model.config.kernels == "triton" and model.transformer.h[0].ln_1.kernels == "triton"
