@@ -526,15 +526,16 @@ def test_prepare_overwrite_replaces_only_its_own_files(tmp_path, corpus, gpt2):
 
 def test_prepare_write_failure_exits_3_naming_the_file(tmp_path, corpus):
     # `ulimit -f` in the child: the shard write fails with EFBIG (Python ignores SIGXFSZ).
-    out = tmp_path / "out"
+    out, text = tmp_path / "out", tmp_path / "big.txt"
+    text.write_text("some text to tokenize. " * 1000, encoding="utf-8")  # 23,000 chars: 46 KB of uint16 ids
     code = f"""
 import resource, sys
 from gptkernels.prepare import main
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
-sys.exit(main(["builtin", "--out", {str(out)!r}, "--quiet", "--max-tokens", "20000"]))
+sys.exit(main([{str(text)!r}, "--out", {str(out)!r}, "--quiet", "--tokenizer", "char"]))
 """
     env = dict(os.environ, PYTHONPATH=str(REPO))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 3, r.stderr[-2000:]
     assert r.stderr.count("\n") == 1 and "cannot write" in r.stderr and "train_000000.bin" in r.stderr, r.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]  # the temporary folder is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt", "corpus"]  # the temporary folder is gone
