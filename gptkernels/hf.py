@@ -121,8 +121,8 @@ def _load_hf(transformers: Any, name: str) -> Any:
         if not weights:
             raise FileNotFoundError(f"{path}: no weights (model.safetensors or pytorch_model.bin) in the folder")
         try:
-            return transformers.GPT2LMHeadModel.from_pretrained(str(path), local_files_only=True)
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            return _complete(transformers, str(path), local_files_only=True)
+        except (OSError, KeyError, RuntimeError) as e:
             raise ValueError(f"{path}: cannot load it as a GPT-2: {' '.join(str(e).split())[:300]}") from None
     if path.exists():
         raise NotADirectoryError(f"{path} is a file, not a model folder (config.json + weights)")
@@ -130,19 +130,33 @@ def _load_hf(transformers: Any, name: str) -> Any:
     if why_local:
         raise FileNotFoundError(f"no such model folder: {path} ({why_local})")
     try:
-        return transformers.GPT2LMHeadModel.from_pretrained(name, local_files_only=True)  # the cache: no network
+        return _complete(transformers, name, local_files_only=True)  # the cache: no network
     except OSError:
         if _offline():
             raise FileNotFoundError(
                 f"{name!r} is not a local folder nor in the Hugging Face cache, and HF_HUB_OFFLINE is set"
             ) from None
     try:
-        return transformers.GPT2LMHeadModel.from_pretrained(name)
+        return _complete(transformers, name)
     except OSError as e:
         raise FileNotFoundError(
             f"{name!r} is not a local folder nor in the Hugging Face cache, and the hub did not provide it (no "
             f"network, or no such model): {' '.join(str(e).split())[:200]}"
         ) from None
+
+
+def _complete(transformers: Any, name: str, **kwargs: Any) -> Any:
+    """``GPT2LMHeadModel.from_pretrained`` that refuses what transformers would fill with random weights: another
+    model type, or weights missing from the files."""
+    hf, info = transformers.GPT2LMHeadModel.from_pretrained(name, output_loading_info=True, **kwargs)
+    model_type = getattr(hf.config, "model_type", "gpt2")
+    if model_type != "gpt2":
+        raise ValueError(f"{name}: a {model_type!r} model, not a GPT-2 (GPT2LMHeadModel)")
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ValueError(f"{name}: weights missing from its files: {', '.join(missing[:3])}{more}")
+    return hf
 
 
 def gpt_from_hf(cls: type[GPT], path_or_model: Any, kernels: str = "auto", **overrides: Any) -> GPT:

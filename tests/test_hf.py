@@ -291,3 +291,20 @@ def test_from_hf_with_triton_kernels_loads_where_the_kernels_cannot_run(monkeypa
     monkeypatch.setattr(_backend, "interpreter_on", lambda: False)  # a CPU without TRITON_INTERPRET=1
     model = GPT.from_hf(_tiny_hf(), kernels="triton")  # the logit check after loading uses PyTorch's ops
     assert model.config.kernels == "triton" and model.transformer.h[0].ln_1.kernels == "triton"
+
+
+def test_from_hf_refuses_folders_transformers_would_fill_with_random_weights(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _tiny_hf().save_pretrained(tmp_path / "partial")
+    weights = load_file(tmp_path / "partial" / "model.safetensors")
+    del weights["transformer.h.1.mlp.c_fc.weight"]
+    save_file(weights, tmp_path / "partial" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"weights missing from its files: transformer\.h\.1\.mlp\.c_fc\.weight"):
+        GPT.from_hf(tmp_path / "partial", kernels="torch")
+    llama = transformers.LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=50
+    )
+    transformers.LlamaForCausalLM(llama).save_pretrained(tmp_path / "llama")
+    with pytest.raises(ValueError, match="a 'llama' model, not a GPT-2"):
+        GPT.from_hf(tmp_path / "llama", kernels="torch")
