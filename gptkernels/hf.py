@@ -75,11 +75,14 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> GPTConfig:
     )
 
 
+def _is_path(name: str) -> bool:
+    """A name no hub model can have: ``./x``, ``/x``, ``~/x``, ``a/b/c``, a backslash or a file suffix."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or bool(Path(name).suffix)
+
+
 def _local_intent(name: str) -> str | None:
-    """Why ``name`` can only mean a local folder (so it must never go to the network), or None for a name that may
-    be a hub model (``gpt2``, ``owner/name``)."""
-    if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or Path(name).suffix:
-        return "it is a path"
+    """Why a hub-like ``name`` (``gpt2``, ``owner/name``) that is not in the cache most likely means a local folder
+    (``out/`` exists here, or a folder here has a near-identical name), or None."""
     head = name.split("/")[0]
     if "/" in name and Path(head).is_dir():
         return f"{head}/ is a local folder"
@@ -126,16 +129,19 @@ def _load_hf(transformers: Any, name: str) -> Any:
             raise ValueError(f"{path}: cannot load it as a GPT-2: {' '.join(str(e).split())[:300]}") from None
     if path.exists():
         raise NotADirectoryError(f"{path} is a file, not a model folder (config.json + weights)")
-    why_local = _local_intent(name)
-    if why_local:
-        raise FileNotFoundError(f"no such model folder: {path} ({why_local})")
+    if _is_path(name):
+        raise FileNotFoundError(f"no such model folder: {path}")
     try:
         return _complete(transformers, name, local_files_only=True)  # the cache: no network
     except OSError:
-        if _offline():
-            raise FileNotFoundError(
-                f"{name!r} is not a local folder nor in the Hugging Face cache, and HF_HUB_OFFLINE is set"
-            ) from None
+        pass
+    why_local = _local_intent(name)  # a typo of a folder here must not wait for the network
+    if why_local:
+        raise FileNotFoundError(f"no such model folder: {path} ({why_local})")
+    if _offline():
+        raise FileNotFoundError(
+            f"{name!r} is not a local folder nor in the Hugging Face cache, and HF_HUB_OFFLINE is set"
+        )
     try:
         return _complete(transformers, name)
     except OSError as e:

@@ -259,7 +259,9 @@ def test_from_hf_names_that_mean_a_local_folder_never_go_to_the_network(tmp_path
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # even online
     _tiny_hf().save_pretrained(tmp_path / "out" / "tiny-hf")
 
-    def no_network(*args, **kwargs):
+    def no_network(*args, local_files_only=False, **kwargs):
+        if local_files_only:  # the local Hugging Face cache: not there
+            raise OSError("not in the cache")
         raise AssertionError("went to the hub")
 
     monkeypatch.setattr(transformers.GPT2LMHeadModel, "from_pretrained", no_network)
