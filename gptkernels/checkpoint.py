@@ -24,9 +24,9 @@ checks a checkpoint's config and weight shapes against each other before any mod
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
-import math
 import os
 import random
 import re
@@ -336,11 +336,15 @@ def check_model_state(state: dict[str, Any], label: str | None = None) -> Any:
         cfg = GPTConfig.from_dict(cfg_dict)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: bad model config: {e}") from None
+    # From the config alone first: even on the meta device, a billion layers would take forever to build.
+    c = cfg
+    n_params = (c.vocab_size * (1 if c.tie_embeddings else 2) + c.context_length) * c.emb_dim
+    n_params += c.n_layers * (12 * c.emb_dim**2 + 13 * c.emb_dim)
+    if n_params * 4 > MAX_MODEL_BYTES:
+        gb = n_params * 4 / 1e9
+        raise ValueError(f"{where}: the config describes a model of {gb:,.0f} GB in fp32; refusing to build it")
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
-    size = sum(math.prod(shape) for shape in expected.values()) * 4
-    if size > MAX_MODEL_BYTES:
-        raise ValueError(f"{where}: the config describes a model of {size / 1e9:,.0f} GB; refusing to build it")
     got = {k: tuple(v.shape) for k, v in weights.items()}
     missing, extra = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
     wrong = [f"{k} {got[k]} (config: {expected[k]})" for k in expected if k in got and got[k] != expected[k]]
@@ -359,7 +363,7 @@ def model_from_state(state: dict[str, Any], device: Any = "cpu", kernels: str | 
 
     cfg = check_model_state(state)
     if kernels is not None:
-        cfg.kernels = kernels
+        cfg = dataclasses.replace(cfg, kernels=kernels)  # validated like every field
     model = GPT(cfg)
     model.load_state_dict(state["model"])
     return model.to(device).eval()

@@ -252,11 +252,13 @@ def test_weights_that_do_not_fit_the_config_are_refused_before_allocating():
     no_config = {k: v for k, v in good.items() if k != "config"}
     other = {**good, "config": {**good["config"], "emb_dim": 32}}
     absurd = {**good, "config": {**good["config"], "vocab_size": 10**12}}  # 64 TB at gpt2's width
+    deep = {**good, "config": {**good["config"], "n_layers": 10**9}}  # too slow to build even on the meta device
     bad_type = {**good, "config": {**good["config"], "qkv_bias": "no"}}
     cases = [
         (no_config, "no model config"),
         (other, r"weights do not match the checkpoint's config: shape of transformer\.wte\.weight \(97, 16\)"),
-        (absurd, r"the config describes a model of 128,000 GB; refusing to build it"),
+        (absurd, r"the config describes a model of 64,000 GB in fp32; refusing to build it"),
+        (deep, r"the config describes a model of 13,120 GB in fp32; refusing to build it"),
         (bad_type, "bad model config: GPTConfig.qkv_bias"),
     ]
     for state, message in cases:
