@@ -162,7 +162,10 @@ class GPT(nn.Module):
     # ---------------------------------------------------------------------------------------------------
     @classmethod
     def from_hf(cls, path_or_model: Any, kernels: str = "auto", **config_overrides: Any) -> GPT:
-        """Load a Hugging Face ``GPT2LMHeadModel`` (a local folder, a model object, or a hub name)."""
+        """Load a Hugging Face ``GPT2LMHeadModel`` (a local folder, a model object, or a hub name).
+
+        A config this model would compute differently is a ``ValueError``; after loading, the logits are checked
+        against the Hugging Face model's (see :func:`gptkernels.hf.gpt_from_hf`)."""
         from .hf import gpt_from_hf
 
         return gpt_from_hf(cls, path_or_model, kernels=kernels, **config_overrides)
