@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -32,21 +33,31 @@ class GPTConfig:
     n_layers: int = 12  # transformer blocks
     drop_rate: float = 0.0  # dropout on embeddings, attention probabilities and residual branches
     qkv_bias: bool = True  # bias in the fused q/k/v projection (GPT-2 has one; many from-scratch models do not)
+    tie_embeddings: bool = True  # the LM head is the token embedding (GPT-2); False: its own weight
     layer_norm_eps: float = 1e-5
     kernels: str = "auto"  # "torch": PyTorch ops; "triton": fused kernels; "auto": kernels where they can run
 
     def __post_init__(self) -> None:
+        # Every field's type is checked, so that a config read from YAML/JSON/a checkpoint cannot carry a
+        # string where a bool belongs ("no" is truthy) or a float where a size belongs.
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("qkv_bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GPTConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("drop_rate", "layer_norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"GPTConfig.{name} must be a finite number, got {value!r}")
         if self.emb_dim % self.n_heads != 0:
             raise ValueError(f"GPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
         if not 0.0 <= float(self.drop_rate) < 1.0:
             raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate!r}")
         if not self.layer_norm_eps > 0:
             raise ValueError(f"GPTConfig.layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
-        if self.kernels not in KERNEL_CHOICES:
+        if not isinstance(self.kernels, str) or self.kernels not in KERNEL_CHOICES:
             raise ValueError(f"GPTConfig.kernels must be one of {KERNEL_CHOICES}, got {self.kernels!r}")
 
     @property

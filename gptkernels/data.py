@@ -16,12 +16,14 @@ it into training windows, with the next-token shift done here (``shift="explicit
 from __future__ import annotations
 
 import codecs
+import contextlib
 import itertools
 import json
 import mmap
 import multiprocessing
 import operator
 import os
+import re
 import threading
 import warnings
 from collections import deque
@@ -65,38 +67,126 @@ def _replace_and_count(err: UnicodeError) -> tuple[str, int]:
 codecs.register_error("gptkernels.replace_and_count", _replace_and_count)
 
 
+# UTF-32 before UTF-16: the UTF-32-LE mark begins with the UTF-16-LE one.
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
+def text_encoding(data: bytes) -> str:
+    """``utf-16``/``utf-32`` when ``data`` starts with that byte-order mark (Windows editors write them), else
+    ``utf-8``."""
+    return next((enc for bom, enc in _BOMS if data.startswith(bom)), "utf-8")
+
+
 def decode_bytes(data: bytes) -> tuple[str, int]:
-    """UTF-8 text of ``data`` with undecodable bytes replaced by U+FFFD, and how many bytes were replaced."""
+    """Text of ``data`` (UTF-8, or UTF-16/32 with a byte-order mark) with undecodable bytes replaced by U+FFFD,
+    and how many bytes were replaced."""
+    encoding = text_encoding(data)
     try:
-        text, n_bad = data.decode("utf-8"), 0
+        text, n_bad = data.decode(encoding), 0
     except UnicodeDecodeError:
         _replaced.n = 0
-        text = data.decode("utf-8", errors="gptkernels.replace_and_count")
+        text = data.decode(encoding, errors="gptkernels.replace_and_count")
         n_bad = _replaced.n
     return text.removeprefix("\ufeff"), n_bad  # a byte-order mark is not text
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Sources
-def is_prepared(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a folder written by ``python -m gptkernels.prepare``."""
-    meta = Path(path) / META_FILE
+_SHARD_NAME = re.compile(r"^(train|val)_\d{6}\.bin$")  # the names prepare gives its shards
+
+
+def _prepared_state(path: str | os.PathLike[str]) -> str | None:
+    """``"prepared"`` for a folder written by gptkernels.prepare, ``"damaged"`` for one whose meta.json cannot be
+    read or that has token shards without one (an interrupted prepare), None for any other folder (a meta.json
+    of another program is not ours)."""
+    root = Path(path)
+    meta = root / META_FILE
     if not meta.is_file():
-        return False
+        return "damaged" if _has_shards(root) else None
     try:
-        return json.loads(meta.read_text(encoding="utf-8")).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
+        data = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "damaged" if _has_shards(root) or FORMAT.encode() in _head(meta) else None
+    if isinstance(data, dict) and data.get("format") == FORMAT:
+        return "prepared"
+    return "damaged" if _has_shards(root) else None
+
+
+def _has_shards(root: Path) -> bool:
+    try:
+        return root.is_dir() and any(_SHARD_NAME.match(p.name) for p in root.iterdir())
+    except OSError:
         return False
+
+
+def _head(p: Path, n: int = 1 << 16) -> bytes:
+    try:
+        with open(p, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
+
+
+def is_prepared(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a folder written by ``python -m gptkernels.prepare`` (with a readable meta.json)."""
+    return _prepared_state(path) == "prepared"
 
 
 def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``meta.json`` of a prepared folder (tokenizer spec, dtype, shards, token and document counts)."""
-    if not is_prepared(path):
+    """The ``meta.json`` of a prepared folder (tokenizer spec, dtype, shards, token and document counts), checked:
+    a damaged or incomplete one is a ``ValueError`` naming the file."""
+    meta_path = Path(path) / META_FILE
+    state = _prepared_state(path)
+    if state is None:
         raise ValueError(f"{os.fspath(path)!r} is not a folder written by gptkernels.prepare (no valid {META_FILE})")
-    meta = json.loads((Path(path) / META_FILE).read_text(encoding="utf-8"))
-    if meta.get("version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{os.fspath(path)!r}: token format version {meta['version']} is newer than this gptkernels")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(
+            f"{meta_path} is missing: the folder holds token shards but no {META_FILE} (an interrupted "
+            "gptkernels.prepare?); prepare it again"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{meta_path} is damaged ({e}); prepare the folder again") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path} is damaged (not a {FORMAT} description); prepare the folder again")
+    version = meta.get("version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{meta_path}: token format version {version!r} is newer than this gptkernels")
+    problem = _meta_problem(meta)
+    if problem:
+        raise ValueError(f"{meta_path} is damaged: {problem}; prepare the folder again")
     return meta
+
+
+def _meta_problem(meta: dict[str, Any]) -> str | None:
+    """What is wrong with a parsed meta.json, or None."""
+    if meta.get("dtype") not in ("uint16", "uint32"):
+        return f"dtype {meta.get('dtype')!r} is not uint16 or uint32"
+    tok = meta.get("tokenizer")
+    if not isinstance(tok, dict) or not isinstance(tok.get("name"), str):
+        return "no tokenizer spec"
+    if not isinstance(tok.get("n_vocab"), int) or tok["n_vocab"] < 1:
+        return f"tokenizer n_vocab {tok.get('n_vocab')!r} is not a positive integer"
+    shards = meta.get("shards")
+    if not isinstance(shards, dict):
+        return "no shard list"
+    for split in ("train", "val"):
+        for shard in shards.get(split, None) if isinstance(shards.get(split), list) else [None]:
+            if not (
+                isinstance(shard, dict)
+                and isinstance(shard.get("file"), str)
+                and _SHARD_NAME.match(shard["file"])
+                and isinstance(shard.get("tokens"), int)
+                and shard["tokens"] >= 0
+            ):
+                return f"bad {split} shard entry {shard!r}"
+    return None
 
 
 def _parse_sources(sources: Sequence[str | os.PathLike[str]] | str | os.PathLike[str]) -> list[tuple[str, Any]]:
@@ -120,7 +210,10 @@ def _parse_sources(sources: Sequence[str | os.PathLike[str]] | str | os.PathLike
             if not p.exists():
                 raise FileNotFoundError(f"data source not found: {s!r} (expected {SOURCE_HELP})")
             if p.is_dir():
-                parsed.append(("prepared" if is_prepared(p) else "folder", p))
+                state = _prepared_state(p)
+                if state == "damaged":
+                    read_meta(p)  # raises, naming what is wrong
+                parsed.append(("prepared" if state == "prepared" else "folder", p))
             elif builder := _datasets_builder(p):
                 parsed.append(("datasets", (builder, p)))
             else:
@@ -137,7 +230,8 @@ def _datasets_builder(p: Path) -> str | None:
 
 def _read_text_file(p: Path, stats: dict[str, Any], skip_binary: bool) -> str | None:
     data = p.read_bytes()
-    if skip_binary and b"\x00" in data[:8192]:  # NUL bytes: not text (images, archives, token shards)
+    # NUL bytes: not text (images, archives, token shards), unless a byte-order mark says UTF-16/32.
+    if skip_binary and b"\x00" in data[:8192] and text_encoding(data) == "utf-8":
         stats["skipped_files"] += 1
         return None
     text, n_bad = decode_bytes(data)
@@ -148,15 +242,28 @@ def _read_text_file(p: Path, stats: dict[str, Any], skip_binary: bool) -> str | 
 
 
 def _iter_folder(root: Path, stats: dict[str, Any]) -> Iterator[str]:
+    skipped: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         # Sorted and pruned in place so that the walk is deterministic and skips hidden and prepared folders.
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not is_prepared(Path(dirpath) / d))
+        dirnames[:] = sorted(
+            d for d in dirnames if not d.startswith(".") and _prepared_state(Path(dirpath) / d) is None
+        )
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
             text = _read_text_file(Path(dirpath) / name, stats, skip_binary=True)
             if text is not None:
                 yield text
+            else:
+                skipped.append(name)
+    if skipped:  # said once per folder: a folder of images would otherwise warn once per file
+        warnings.warn(
+            f"{root}: skipped {len(skipped)} binary file(s) (NUL bytes and no UTF-16/32 byte-order mark): "
+            + ", ".join(skipped[:3])
+            + (", ..." if len(skipped) > 3 else ""),
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _iter_builtin() -> Iterator[str]:
@@ -169,6 +276,31 @@ def _iter_builtin() -> Iterator[str]:
 
 
 def _iter_datasets(label: str, text_column: str, *args: Any, **kwargs: Any) -> Iterator[str]:
+    with _hub_errors(label):
+        yield from _iter_rows(label, text_column, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _hub_errors(label: str) -> Iterator[None]:
+    """A dataset that cannot be fetched (no network, offline mode, not in the cache, no such dataset) is one
+    ``ValueError`` line instead of ``datasets``' ConnectionError traceback."""
+    try:
+        yield
+    except (ConnectionError, FileNotFoundError, TimeoutError) as e:
+        raise ValueError(_hub_message(label, e)) from None
+    except Exception as e:
+        if type(e).__name__ in ("DatasetNotFoundError", "LocalEntryNotFoundError", "OfflineModeIsEnabled"):
+            raise ValueError(_hub_message(label, e)) from None
+        raise
+
+
+def _hub_message(label: str, e: BaseException) -> str:
+    offline = any(os.environ.get(v, "") not in ("", "0") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    why = "offline mode (HF_HUB_OFFLINE)" if offline else "no network, or no such dataset"
+    return f"data source {label!r}: cannot fetch it: {why}, and the dataset is not in the local cache ({e})"
+
+
+def _iter_rows(label: str, text_column: str, *args: Any, **kwargs: Any) -> Iterator[str]:
     import datasets
 
     ds = datasets.load_dataset(*args, split="train", streaming=True, **kwargs)
@@ -191,7 +323,7 @@ def _iter_source(kind: str, value: Any, stats: dict[str, Any], text_column: str)
         yield from _iter_datasets(f"hf:{name}", text_column, name, config)
     elif kind == "datasets":
         builder, p = value
-        yield from _iter_datasets(str(p), text_column, builder, data_files=str(p))
+        yield from _iter_rows(str(p), text_column, builder, data_files=str(p))
     elif kind == "folder":
         yield from _iter_folder(value, stats)
     elif kind == "file":
@@ -252,6 +384,7 @@ def iter_documents(
 # Tokenization
 _PARALLEL_MIN_CHARS = 1 << 21  # below ~2 MB of text, starting worker processes costs more than it saves
 _worker: dict[str, Any] = {}
+_CHECK_CHUNK = 1 << 24  # tokens read at a time when a shard's ids are checked against the vocabulary
 
 
 def default_num_workers() -> int:
@@ -384,7 +517,55 @@ class TokenSplit:
     tokenizer: Any = None  # the tokenizer that produced the tokens
 
 
-def _open_shards(root: Path, meta: dict[str, Any], split: str) -> list[np.ndarray]:
+class ShardMemmap(np.memmap):
+    """A read-only memmap of one token shard whose slices are read with ``os.pread``, not through the mapping.
+
+    Reading a mapped page past the end of a file that shrank after it was opened (a shard truncated or rewritten
+    during training) kills the process with SIGBUS; a short ``pread`` is a clear ``ValueError`` naming the file
+    instead. A slice costs one system call, so window reads stay cheap; any other indexing is the plain memmap.
+    """
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, slice) and key.step in (None, 1) and isinstance(self.base, mmap.mmap) and self.filename:
+            start, stop, _ = key.indices(len(self))
+            return _pread_tokens(self.filename, self.dtype, self.offset + start * self.itemsize, max(0, stop - start))
+        return super().__getitem__(key)
+
+
+def _pread_tokens(filename: str, dtype: np.dtype, offset: int, count: int) -> np.ndarray:
+    out = np.empty(count, dtype=dtype)
+    want = out.nbytes
+    got = _read_at(filename, memoryview(out).cast("B"), offset) if want else 0
+    if got != want:
+        size = os.stat(filename).st_size
+        raise ValueError(
+            f"{filename}: token shard shrank to {size:,} bytes while in use (reading bytes {offset:,} to "
+            f"{offset + want:,}); was it truncated or rewritten? Run gptkernels.prepare again, into another folder"
+        )
+    return out
+
+
+def _read_at(filename: str, buf: memoryview, offset: int) -> int:
+    """Fill ``buf`` from ``filename`` at ``offset``; the bytes read (fewer at the end of the file)."""
+    got = 0
+    if hasattr(os, "preadv"):  # one system call, ~2 µs: no Python file object
+        fd = os.open(filename, os.O_RDONLY)
+        try:
+            while got < len(buf) and (n := os.preadv(fd, [buf[got:]], offset + got)):
+                got += n
+        finally:
+            os.close(fd)
+        return got
+    with open(filename, "rb", buffering=0) as f:
+        f.seek(offset)
+        while got < len(buf) and (n := f.readinto(buf[got:])):
+            got += n
+    return got
+
+
+def _open_shards(root: Path, meta: dict[str, Any], split: str, n_vocab: int) -> list[np.ndarray]:
+    """The split's shards as :class:`ShardMemmap`s, each checked once: size against meta.json, every token id
+    below ``n_vocab`` (one pass over the file, so a bad id is reported here, not as an IndexError mid-run)."""
     dtype = np.dtype(meta["dtype"])
     parts = []
     for shard in meta["shards"][split]:
@@ -392,7 +573,14 @@ def _open_shards(root: Path, meta: dict[str, Any], split: str) -> list[np.ndarra
         if not p.is_file() or p.stat().st_size != n * dtype.itemsize:
             raise ValueError(f"{p}: missing or truncated shard (meta.json expects {n} {dtype} tokens)")
         if n:
-            parts.append(np.memmap(p, dtype=dtype, mode="r", shape=(n,)))
+            arr = ShardMemmap(p, dtype=dtype, mode="r", shape=(n,))
+            top = max(int(np.asarray(arr[i : i + _CHECK_CHUNK]).max()) for i in range(0, n, _CHECK_CHUNK))
+            if top >= n_vocab:
+                raise ValueError(
+                    f"{p}: token id {top} is outside the vocabulary of {n_vocab} tokens (a damaged shard, or one "
+                    "written with another tokenizer); prepare the folder again"
+                )
+            parts.append(arr)
     return parts
 
 
@@ -412,7 +600,8 @@ def _check_prepared_tokenizer(root: Path, meta: dict[str, Any], tok: Any) -> Non
     if not ok:
         raise ValueError(
             f"{root}: shard written by another tokenizer ({theirs.get('name')}, n_vocab={theirs.get('n_vocab')}) "
-            f"than the one given ({getattr(tok, 'name', type(tok).__name__)}, n_vocab={tok.n_vocab})"
+            f"than the one given ({getattr(tok, 'name', type(tok).__name__)}, n_vocab={tok.n_vocab}); give "
+            f"the folder's own ({theirs.get('name')}) or none, which uses it"
         )
 
 
@@ -420,6 +609,33 @@ def _join(parts: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
     if not parts:
         return np.empty(0, dtype=dtype)
     return parts[0] if len(parts) == 1 else np.concatenate(parts)  # one part: the memmap itself, no copy
+
+
+def _group_sources(parsed: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """Consecutive raw sources are one corpus ("raw", [(kind, value), ...]); each prepared folder stands alone."""
+    groups: list[tuple[str, Any]] = []
+    for kind, value in parsed:
+        if kind == "prepared":
+            groups.append(("prepared", value))
+        elif groups and groups[-1][0] == "raw":
+            groups[-1][1].append((kind, value))
+        else:
+            groups.append(("raw", [(kind, value)]))
+    return groups
+
+
+def resolve_tokenizer(
+    tokenizer: Any,
+    sources: Sequence[str | os.PathLike[str]] | str,
+    *,
+    max_documents: int | None = None,
+    text_column: str = "text",
+) -> Any:
+    """The tokenizer that :func:`load_tokens` would use for ``sources``: ``None`` is a prepared folder's own (gpt2
+    for raw sources); ``"char"`` is a prepared char folder's vocabulary, or one built from the raw sources; a name
+    or tokenizer object is itself. Training calls this so that ``--tokenizer char`` (or none) on a folder
+    prepared with the char tokenizer uses the vocabulary stored in its meta.json."""
+    return _resolve_tokenizer(tokenizer, _group_sources(_parse_sources(sources)), max_documents, text_column)
 
 
 def _resolve_tokenizer(
@@ -436,8 +652,12 @@ def _resolve_tokenizer(
             docs = (text for group in raw for text in _documents(group, max_documents, text_column, {}))
             return get_tokenizer(tokenizer, text=docs)
         spec = read_meta(prepared[0])["tokenizer"]
-        if spec["name"] == tokenizer.partition(":")[0]:
-            return tokenizer_from_spec(spec)
+        if spec["name"] != tokenizer.partition(":")[0]:
+            raise ValueError(
+                f"tokenizer {tokenizer}: {prepared[0]} was prepared with the {spec['name']} tokenizer; "
+                "give that one or none"
+            )
+        return tokenizer_from_spec(spec)
     return get_tokenizer(tokenizer)
 
 
@@ -473,16 +693,7 @@ def load_tokens(
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-    # Consecutive raw sources are one corpus; each prepared folder stands alone.
-    groups: list[tuple[str, Any]] = []
-    for kind, value in parsed:
-        if kind == "prepared":
-            groups.append(("prepared", value))
-        elif groups and groups[-1][0] == "raw":
-            groups[-1][1].append((kind, value))
-        else:
-            groups.append(("raw", [(kind, value)]))
-
+    groups = _group_sources(parsed)
     tok = _resolve_tokenizer(tokenizer, groups, max_documents, text_column)
     dtype = token_dtype(tok.n_vocab)
 
@@ -494,8 +705,8 @@ def load_tokens(
         if kind == "prepared":
             meta = read_meta(value)
             _check_prepared_tokenizer(value, meta, tok)
-            train_parts += _open_shards(value, meta, "train")
-            val_parts += _open_shards(value, meta, "val")
+            train_parts += _open_shards(value, meta, "train", tok.n_vocab)
+            val_parts += _open_shards(value, meta, "val", tok.n_vocab)
             stats["documents"] += int(meta.get("documents", 0))
             stats["replaced_bytes"] += int(meta.get("replaced_bytes", 0))
             stats["skipped_files"] += int(meta.get("skipped_files", 0))
@@ -597,7 +808,7 @@ class WindowDataset(Dataset):
     def __setstate__(self, state: dict[str, Any]) -> None:
         if isinstance(state["tokens"], tuple):
             _, filename, dtype, offset, shape = state["tokens"]
-            state["tokens"] = np.memmap(filename, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape)
+            state["tokens"] = ShardMemmap(filename, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape)
         self.__dict__.update(state)
 
     def __repr__(self) -> str:
@@ -629,6 +840,7 @@ def create_dataloader(
 __all__ = [
     "BUILTIN",
     "META_FILE",
+    "ShardMemmap",
     "TokenSplit",
     "WindowDataset",
     "create_dataloader",
@@ -638,6 +850,7 @@ __all__ = [
     "iter_documents",
     "load_tokens",
     "read_meta",
+    "resolve_tokenizer",
     "split_point",
     "tokenize_documents",
 ]

@@ -213,7 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parse_task(spec)  # a bad task name fails before the model loads
     device = resolve_device(args.device)
     from .data import load_tokens
+    from .generation import check_kernels, check_vocab
 
+    check_kernels(args.kernels, device)
     if args.checkpoint is not None:
         state = load_checkpoint(args.checkpoint)
         model = model_from_state(state, device=device, kernels=args.kernels)
@@ -227,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = GPT.from_hf(args.hf, kernels=args.kernels).to(device).eval()
         tokenizer = get_tokenizer(args.tokenizer or "gpt2")
         train_args, label = {}, args.hf
+    check_vocab(model, tokenizer)
     if args.tokenizer is not None and args.checkpoint is not None:
         raise UsageError("--tokenizer goes with --hf; a checkpoint uses the tokenizer it was trained with")
     if args.dtype == "fp16" and device.type != "cuda":

@@ -60,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _check(args)
     device = resolve_device(args.device)
+    from .generation import check_kernels, check_vocab, generate_text
+
+    check_kernels(args.kernels, device)
     if args.checkpoint is not None:
         model, tokenizer = load_model(args.checkpoint, device=device, kernels=args.kernels)
     else:
@@ -68,8 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         model = GPT.from_hf(args.hf, kernels=args.kernels).to(device).eval()
         tokenizer = get_tokenizer(args.tokenizer or "gpt2")
-
-    from .generation import generate_text
+    check_vocab(model, tokenizer)
 
     def on_text(piece: str) -> None:
         sys.stdout.write(piece)

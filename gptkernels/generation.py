@@ -13,6 +13,30 @@ if TYPE_CHECKING:
     from .model import GPT
 
 
+def check_vocab(model: GPT, tokenizer: Any) -> None:
+    """``ValueError`` when ``tokenizer`` can produce ids that ``model`` has no embedding for (a model whose
+    vocabulary is smaller than the tokenizer's), instead of an IndexError in the middle of a forward pass."""
+    n_model, n_tok = model.config.vocab_size, getattr(tokenizer, "n_vocab", None)
+    if n_tok is not None and n_tok > n_model:
+        name = getattr(tokenizer, "name", type(tokenizer).__name__)
+        raise ValueError(
+            f"the model's vocabulary ({n_model:,} tokens) is smaller than the {name} tokenizer's ({n_tok:,}): "
+            "ids past it have no embedding; use the tokenizer the model was trained with"
+        )
+
+
+def check_kernels(kernels: str, device: Any) -> None:
+    """``ValueError`` with the one-line reason when ``kernels="triton"`` cannot run on ``device`` (a CPU without
+    Triton's interpreter), instead of an error from inside the first kernel launch."""
+    if kernels != "triton":
+        return
+    from .ops import why_not_triton
+
+    reason = why_not_triton(torch.device(device))
+    if reason is not None:
+        raise ValueError(f"--kernels triton: {reason}")
+
+
 def _check_sampling_args(max_new_tokens: int, temperature: float) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")

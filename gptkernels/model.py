@@ -61,7 +61,8 @@ class GPT(nn.Module):
             )
         )
         self.lm_head = nn.Linear(config.emb_dim, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.loss_fn = LMHeadLoss(kernels=config.kernels)
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layers) so the residual stream does not grow.
@@ -161,7 +162,10 @@ class GPT(nn.Module):
     # ---------------------------------------------------------------------------------------------------
     @classmethod
     def from_hf(cls, path_or_model: Any, kernels: str = "auto", **config_overrides: Any) -> GPT:
-        """Load a Hugging Face ``GPT2LMHeadModel`` (a local folder, a model object, or a hub name)."""
+        """Load a Hugging Face ``GPT2LMHeadModel`` (a local folder, a model object, or a hub name).
+
+        A config this model would compute differently is a ``ValueError``; after loading, the logits are checked
+        against the Hugging Face model's (see :func:`gptkernels.hf.gpt_from_hf`)."""
         from .hf import gpt_from_hf
 
         return gpt_from_hf(cls, path_or_model, kernels=kernels, **config_overrides)

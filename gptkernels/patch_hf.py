@@ -3,14 +3,19 @@
 What changes: every LayerNorm becomes :class:`gptkernels.nn.LayerNorm` (sharing the same parameters), the
 MLP's ``c_fc`` bias + GELU runs through :func:`gptkernels.ops.bias_gelu`, attention runs through
 :func:`gptkernels.ops.attention` (registered as a ``transformers`` attention implementation, so padding masks
-fall back to PyTorch's SDPA), and with ``labels`` the LM head and the loss run through
-:func:`gptkernels.ops.linear_cross_entropy`; in training mode the logits are then not materialised
-(``outputs.logits`` is None), which is where the memory saving comes from.
+fall back to PyTorch's SDPA), and in training mode with ``labels`` the LM head and the loss run through
+:func:`gptkernels.ops.linear_cross_entropy`: the logits are then not materialised (``outputs.logits`` is None),
+which is where the memory saving comes from. The patched ``forward`` takes every argument of the original (and
+is the original outside that one case), so ``generate`` with masks, left padding and the cache is unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import types
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -66,25 +71,74 @@ def _mlp_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return self.dropout(self.c_proj(h))
 
 
-def _lm_forward(self, input_ids=None, labels=None, num_items_in_batch=None, logits_to_keep=0, **kwargs):
-    from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
+def _make_lm_forward(original: Callable[..., Any]) -> Callable[..., Any]:
+    """A forward for the model's class-level ``original`` forward that takes exactly its arguments.
 
-    kwargs.pop("return_dict", None)
-    out = self.transformer(input_ids, return_dict=True, **kwargs)
-    hidden = out[0]  # (B, T, C)
-    loss = logits = None
-    if labels is not None:
-        # Implicit shift: position t predicts labels[t + 1].
+    In training mode with ``labels`` (what ``Trainer`` calls), the LM head and the loss run fused: the original
+    forward runs with ``labels=None`` while the LM head only hands over its input, then
+    :func:`gptkernels.ops.linear_cross_entropy` computes the loss and ``logits`` is None. Every other call is the
+    original forward itself, so generation (attention masks, left padding, position ids, the cache) and
+    evaluation give exactly the unpatched outputs. The signature is the original's: ``generate`` inspects it.
+    """
+    signature = inspect.signature(original)
+    var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+
+    @functools.wraps(original)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(self, *args, **kwargs)  # a wrong argument fails as it would unpatched
+        call = bound.arguments
+        extra = call.setdefault(var_keyword, {}) if var_keyword else {}
+        labels = call.get("labels")
+        fused = (
+            self.training
+            and labels is not None
+            and not call.get("logits_to_keep")
+            and var_keyword is not None
+            and not ({"shift_labels", "ignore_index"} & extra.keys())
+        )
+        if not fused:
+            return original(*bound.args, **bound.kwargs)
+        return_dict = extra.pop("return_dict", None)
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+        num_items = extra.get("num_items_in_batch")
+        call["labels"] = None
+        extra["return_dict"] = True
+        with _head_input(self.lm_head) as captured:
+            out = original(*bound.args, **bound.kwargs)
+        hidden = captured[0]  # (B, T, C)
+        # Implicit shift, as transformers' ForCausalLMLoss: position t predicts labels[t + 1].
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         targets = labels[:, 1:].reshape(-1).to(hidden.device)
         loss = ops.linear_cross_entropy(h, self.lm_head.weight, targets, backend=self.gptkernels_kernels)
-        if num_items_in_batch is not None:  # Trainer's gradient-accumulation normalisation
-            loss = loss * (targets != -100).sum() / num_items_in_batch
-    if labels is None or not self.training:
-        keep = hidden if not logits_to_keep else hidden[:, -logits_to_keep:]
-        logits = self.lm_head(keep)
-    rest = {k: v for k, v in out.items() if k != "last_hidden_state"}
-    return CausalLMOutputWithCrossAttentions(loss=loss, logits=logits, **rest)
+        if num_items is not None:  # Trainer's gradient-accumulation normalisation: a sum over num_items
+            loss = loss * (targets != -100).sum() / num_items
+        result = type(out)(**{**{k: v for k, v in out.items() if k != "logits"}, "loss": loss})
+        return result if return_dict else result.to_tuple()
+
+    forward.gptkernels_patched = True
+    return forward
+
+
+@contextlib.contextmanager
+def _head_input(head: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """While active, ``head(x)`` records ``x`` and returns an empty (..., 0) tensor instead of the logits."""
+    captured: list[torch.Tensor] = []
+
+    def record(x: torch.Tensor) -> torch.Tensor:
+        captured.append(x)
+        return x.new_empty(*x.shape[:-1], 0)
+
+    had_own = "forward" in head.__dict__
+    previous = head.__dict__.get("forward")
+    head.forward = record
+    try:
+        yield captured
+    finally:
+        if had_own:
+            head.forward = previous
+        else:
+            del head.forward
 
 
 def patch_hf_gpt2(model: torch.nn.Module, kernels: str = "auto") -> torch.nn.Module:
@@ -116,5 +170,6 @@ def patch_hf_gpt2(model: torch.nn.Module, kernels: str = "auto") -> torch.nn.Mod
     else:  # pragma: no cover - older transformers
         model.config._attn_implementation = IMPLEMENTATION
     model.gptkernels_kernels = kernels
-    model.forward = types.MethodType(_lm_forward, model)
+    if not getattr(model.forward, "gptkernels_patched", False):  # patched twice: keep the first wrapper
+        model.forward = types.MethodType(_make_lm_forward(type(model).forward), model)
     return model

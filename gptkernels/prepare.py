@@ -7,8 +7,10 @@
 The output folder holds ``train_000000.bin, ...`` and ``val_000000.bin, ...`` (raw uint16 token ids, uint32 for
 vocabularies over 65,536 tokens; each document followed by ``<|endoftext|>``) and ``meta.json`` (format version,
 tokenizer spec, dtype, the token count of every shard, documents). ``gptkernels.data.load_tokens([folder], tok)``
-reads it back. The corpus streams through (never whole in memory); the folder is written under a temporary
-name and renamed into place, so a crash never leaves a half-written output behind.
+reads it back. The corpus streams through (never whole in memory); the output is written under a temporary
+name and renamed into place, so a crash never leaves a half-written output behind. ``--overwrite`` replaces only
+what an earlier prepare wrote there (its ``meta.json`` and shards); other files in the folder are kept. A failed
+write (disk full, file size limit) is one ``error:`` line and exit status 3.
 """
 
 from __future__ import annotations
@@ -26,12 +28,16 @@ from typing import Any
 
 import numpy as np
 
+from .checkpoint import output_errors
+from .cli import OutputWriteError
 from .data import (
+    _SHARD_NAME,
     FORMAT,
     FORMAT_VERSION,
     META_FILE,
     _documents,
     _parse_sources,
+    _prepared_state,
     _resolve_tokenizer,
     split_point,
     tokenize_documents,
@@ -55,20 +61,23 @@ class _ShardWriter:
             if self._file is None or (self.cap is not None and self.shards[-1]["tokens"] >= self.cap):
                 self._open_next()
             room = arr.size if self.cap is None else min(arr.size, self.cap - self.shards[-1]["tokens"])
-            self._file.write(arr[:room].data)
+            with output_errors(self.folder / self.shards[-1]["file"]):
+                self._file.write(arr[:room].data)
             self.shards[-1]["tokens"] += room
             arr = arr[room:]
 
     def _open_next(self) -> None:
         self.close()
         name = f"{self.prefix}_{len(self.shards):06d}.bin"
-        self._file = open(self.folder / name, "wb")  # noqa: SIM115 - closed in close()
+        with output_errors(self.folder / name):
+            self._file = open(self.folder / name, "wb")  # noqa: SIM115 - closed in close()
         self.shards.append({"file": name, "tokens": 0})
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            f, self._file = self._file, None
+            with output_errors(f.name):  # buffered bytes reach the disk here
+                f.close()
 
     @property
     def total(self) -> int:
@@ -99,7 +108,23 @@ def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"--out {str(out)!r} exists and is not empty; pass --overwrite to replace it")
+        raise FileExistsError(
+            f"--out {str(out)!r} exists and is not empty; pass --overwrite to replace an earlier prepare's "
+            "meta.json and shards there (other files are kept)"
+        )
+
+
+def _written_by_prepare(out: Path) -> list[Path]:
+    """The files of an earlier prepare in ``out``: its meta.json (when it is ours, even damaged) and shards."""
+    if not out.is_dir():
+        return []
+    shards = sorted(p for p in out.iterdir() if _SHARD_NAME.match(p.name) and p.is_file())
+    meta = out / META_FILE
+    try:  # ours: a meta.json of this format, or a damaged one beside shards; valid JSON of another kind is not
+        ours = json.loads(meta.read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        ours = meta.is_file() and _prepared_state(out) is not None
+    return ([meta] if ours else []) + shards
 
 
 def prepare(
@@ -137,9 +162,10 @@ def prepare(
 
     tok = _resolve_tokenizer(tokenizer, [("raw", parsed)], max_documents, text_column)
     dtype = token_dtype(tok.n_vocab)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    with output_errors(tmp):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
     try:
         stats: dict[str, Any] = {}
         train = _ShardWriter(tmp, "train", dtype, shard_tokens)
@@ -178,7 +204,8 @@ def prepare(
                 p.unlink()
                 continue
             if keep < shard["tokens"]:
-                os.truncate(p, keep * dtype.itemsize)
+                with output_errors(p):
+                    os.truncate(p, keep * dtype.itemsize)
             kept.append({"file": shard["file"], "tokens": keep})
 
         meta = {
@@ -197,9 +224,11 @@ def prepare(
             "sources": [os.fspath(s) for s in ([sources] if isinstance(sources, (str, os.PathLike)) else sources)],
             "shards": {"train": kept, "val": val.shards},
         }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        with output_errors(tmp / META_FILE):
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         _check_out(out, overwrite)  # once more: something may have appeared there meanwhile
-        _move_into_place(tmp, out)
+        with output_errors(out):
+            _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -207,17 +236,24 @@ def prepare(
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
-    if not out.exists():
+    """Make the finished ``tmp`` folder the output. A new or empty ``out`` is replaced in one rename. Otherwise
+    only an earlier prepare's files are replaced: its meta.json goes first (the folder is then no longer a
+    prepared one), the new shards move in, and the new meta.json comes last, so a crash in between leaves a
+    folder that readers refuse ("shards but no meta.json") rather than a mix of two outputs."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         os.replace(tmp, out)
         return
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old, out)  # put the previous output back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    old = _written_by_prepare(out)
+    new = sorted(p for p in tmp.iterdir() if p.name != META_FILE)
+    clash = [p.name for p in [*new, tmp / META_FILE] if (out / p.name).exists() and out / p.name not in old]
+    if clash:
+        raise FileExistsError(f"--out {str(out)!r}: {clash[0]} exists and was not written by gptkernels.prepare")
+    for p in old:  # meta.json first
+        p.unlink()
+    for p in new:
+        os.replace(p, out / p.name)
+    os.replace(tmp / META_FILE, out / META_FILE)
+    tmp.rmdir()
 
 
 def _int(text: str) -> int:
@@ -252,7 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-documents", type=_int, default=None, help="stop after this many documents")
     p.add_argument("--shard-tokens", type=_int, default=None, help="tokens per shard file (default: one per split)")
     p.add_argument("--text-column", default="text", help="column read from hf:/.json/.jsonl/.parquet sources")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --out, replacing an earlier prepare's meta.json and shards (other files stay)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -275,6 +315,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 text_column=args.text_column,
                 progress=not args.quiet,
             )
+    except OutputWriteError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 3
     except (OSError, ValueError, TypeError, RuntimeError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"error: {msg}", file=sys.stderr)

@@ -66,8 +66,16 @@ def test_unknown_preset():
         ({"drop_rate": 1.0}, r"drop_rate must be in \[0, 1\)"),
         ({"drop_rate": -0.1}, "drop_rate"),
         ({"kernels": "cuda"}, "kernels must be one of"),
+        ({"qkv_bias": "no"}, "qkv_bias must be true or false"),
+        ({"qkv_bias": 1}, "qkv_bias must be true or false"),
+        ({"drop_rate": "0.1"}, "drop_rate must be a finite number"),
+        ({"layer_norm_eps": float("nan")}, "layer_norm_eps must be a finite number"),
+        ({"n_layers": True}, "n_layers must be a positive integer"),
+        ({"kernels": ["auto"]}, "kernels must be one of"),
     ],
 )
 def test_invalid_configs_fail_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GPTConfig(**kwargs)
+    with pytest.raises(ValueError, match=message):  # the dict form (YAML, checkpoints) goes through the same checks
+        GPTConfig.from_dict(kwargs)

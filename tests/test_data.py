@@ -395,7 +395,8 @@ def test_prepare_refuses_to_overwrite(tmp_path, corpus, capsys):
     assert "--overwrite" in err and err.count("\n") == 1
     assert (out / "keep.txt").exists()
     assert prepare_main([str(corpus), "--out", str(out), "--quiet", "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "meta.json").exists()
+    # --overwrite replaces what prepare writes, never the user's own files (issue 13: it deleted them).
+    assert (out / "keep.txt").read_text(encoding="utf-8") == "precious" and (out / "meta.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "out"]
 
 
@@ -415,3 +416,126 @@ def test_prepare_bad_inputs(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "f.txt"]  # nothing half-written left behind
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Damaged prepared folders and files that are not UTF-8 (issue 13)
+@pytest.fixture
+def char_prepared(tmp_path, corpus):
+    out = tmp_path / "charprep"
+    prepare([str(corpus)], out, "char", progress=False, val_fraction=0.3)
+    return out
+
+
+def test_damaged_meta_json_is_an_error_naming_it(char_prepared):
+    meta = char_prepared / "meta.json"
+    good = meta.read_text(encoding="utf-8")
+    meta.write_text(good[: len(good) // 2], encoding="utf-8")  # cut mid-way, as a crash or a bad copy leaves it
+    for read in (lambda: load_tokens([str(char_prepared)], None), lambda: list(iter_documents([str(char_prepared)]))):
+        with pytest.raises(ValueError, match=r"meta\.json is damaged"):
+            read()  # before: read as a folder of text, the JSON trained on with exit 0
+    meta.write_text(good.replace('"uint16"', '"float64"'), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"meta\.json is damaged: dtype"):
+        load_tokens([str(char_prepared)], None)
+    meta.unlink()  # shards without their meta.json: an interrupted prepare, not a text folder
+    with pytest.raises(ValueError, match=r"meta\.json is missing"):
+        load_tokens([str(char_prepared)], None)
+    # A meta.json of another program in a text folder is just a document.
+    (char_prepared.parent / "notes").mkdir()
+    (char_prepared.parent / "notes" / "meta.json").write_text('{"title": "my notes"}', encoding="utf-8")
+    assert list(iter_documents([str(char_prepared.parent / "notes")])) == ['{"title": "my notes"}']
+
+
+def test_token_id_outside_the_vocabulary_names_the_shard(char_prepared):
+    n_vocab = read_meta(char_prepared)["tokenizer"]["n_vocab"]
+    shard = char_prepared / "val_000000.bin"
+    ids = np.fromfile(shard, dtype=np.uint16)
+    ids[len(ids) // 2] = n_vocab  # one id just past the end, as a flipped bit or another tokenizer would leave
+    ids.tofile(shard)
+    with pytest.raises(ValueError, match=rf"val_000000\.bin: token id {n_vocab} is outside the vocabulary"):
+        load_tokens([str(char_prepared)], None)
+
+
+def test_shard_truncated_while_training_is_an_error_not_sigbus(char_prepared):
+    # In a child process: before the fix, reading the mapped pages past the new end killed it with SIGBUS.
+    code = f"""
+import os, sys
+from gptkernels.data import WindowDataset, load_tokens
+split = load_tokens([{str(char_prepared)!r}], None)
+ds = WindowDataset(split.train, 16)
+ds[len(ds) - 1]
+os.truncate(split.train.filename, 64)
+try:
+    ds[len(ds) - 1]
+except ValueError as e:
+    print("caught:", e)
+    sys.exit(0)
+sys.exit(5)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert "train_000000.bin: token shard shrank to 64 bytes while in use" in r.stdout
+
+
+def test_utf16_file_in_a_folder_is_decoded_and_binary_files_are_reported(tmp_path):
+    root = tmp_path / "mixed"
+    root.mkdir()
+    (root / "a_utf16.txt").write_bytes("héllo from Notepad".encode("utf-16"))  # with its byte-order mark
+    (root / "b_utf32.txt").write_bytes("utf-32 text".encode("utf-32"))
+    (root / "c.bin").write_bytes(b"\x00\x01\x02 not text")
+    stats = {}
+    with pytest.warns(UserWarning, match=r"skipped 1 binary file\(s\).*c\.bin"):
+        docs = list(iter_documents([str(root)], stats=stats))
+    assert docs == ["héllo from Notepad", "utf-32 text"]
+    assert stats["skipped_files"] == 1
+
+
+def test_char_prepared_folder_brings_its_own_tokenizer(char_prepared):
+    from gptkernels.data import resolve_tokenizer
+
+    own = CharTokenizer(read_meta(char_prepared)["tokenizer"]["chars"])
+    assert resolve_tokenizer("char", [str(char_prepared)]) == own  # training's --tokenizer char
+    assert resolve_tokenizer(None, [str(char_prepared)]) == own  # no --tokenizer
+    assert load_tokens([str(char_prepared)], "char").tokenizer == own
+    with pytest.raises(ValueError, match="another tokenizer.*give the folder's own"):
+        load_tokens([str(char_prepared)], "gpt2")
+
+
+def test_prepare_overwrite_replaces_only_its_own_files(tmp_path, corpus, gpt2):
+    out = tmp_path / "out"
+    prepare(["builtin"], out, gpt2, progress=False, max_tokens=4000, shard_tokens=1000)
+    assert len(read_meta(out)["shards"]["train"]) == 4
+    (out / "notes.md").write_text("mine", encoding="utf-8")
+    (out / "sub").mkdir()
+    (out / "sub" / "data.txt").write_text("also mine", encoding="utf-8")
+    meta = prepare([str(corpus)], out, gpt2, progress=False, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "meta.json",
+        "notes.md",
+        "sub",
+        "train_000000.bin",
+        "val_000000.bin",
+    ]
+    assert (out / "sub" / "data.txt").read_text(encoding="utf-8") == "also mine"
+    assert len(load_tokens([str(out)], gpt2).train) == meta["train_tokens"]
+    (out / "meta.json").write_text('{"mine": true}', encoding="utf-8")  # not prepare's: never replaced
+    with pytest.raises(FileExistsError, match="meta.json exists and was not written by gptkernels.prepare"):
+        prepare([str(corpus)], out, gpt2, progress=False, overwrite=True)
+    assert (out / "meta.json").read_text(encoding="utf-8") == '{"mine": true}'
+
+
+def test_prepare_write_failure_exits_3_naming_the_file(tmp_path, corpus):
+    # `ulimit -f` in the child: the shard write fails with EFBIG (Python ignores SIGXFSZ).
+    out, text = tmp_path / "out", tmp_path / "big.txt"
+    text.write_text("some text to tokenize. " * 1000, encoding="utf-8")  # 23,000 chars: 46 KB of uint16 ids
+    code = f"""
+import resource, sys
+from gptkernels.prepare import main
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+sys.exit(main([{str(text)!r}, "--out", {str(out)!r}, "--quiet", "--tokenizer", "char"]))
+"""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert r.stderr.count("\n") == 1 and "cannot write" in r.stderr and "train_000000.bin" in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt", "corpus"]  # the temporary folder is gone

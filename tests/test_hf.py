@@ -126,3 +126,187 @@ def test_patch_hf_gpt2_generate_with_cache_matches():
 def test_patch_hf_gpt2_rejects_other_models():
     with pytest.raises(TypeError, match="GPT2LMHeadModel"):
         patch_hf_gpt2(torch.nn.Linear(2, 2))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# patch_hf_gpt2 keeps the original forward's arguments (issue 13: position_ids and friends were dropped)
+def _left_padded_batch():
+    ids = torch.randint(1, 211, (3, 7))
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0  # left padding, as batched generation does
+    ids[1, :1], mask[1, :1] = 0, 0
+    return ids, mask
+
+
+def test_patch_hf_gpt2_generate_left_padded_batch_matches():
+    ids, mask = _left_padded_batch()
+    ref, patched = random_hf_gpt2(), patch_hf_gpt2(random_hf_gpt2(), kernels="torch")
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(patched.generate(ids, **kw), ref.generate(ids, **kw), rtol=0, atol=0)
+    with torch.no_grad():  # scores too, step by step through the cache
+        a = ref.generate(ids, **kw, output_scores=True, return_dict_in_generate=True)
+        b = patched.generate(ids, **kw, output_scores=True, return_dict_in_generate=True)
+    for sa, sb in zip(a.scores, b.scores):
+        torch.testing.assert_close(sb, sa, atol=1e-4, rtol=0)
+
+
+def test_patch_hf_gpt2_accepts_every_argument_of_the_original_forward():
+    import inspect
+
+    ref, patched = random_hf_gpt2(), patch_hf_gpt2(random_hf_gpt2(), kernels="torch")
+    assert inspect.signature(patched.forward) == inspect.signature(ref.forward)
+    ids, mask = _left_padded_batch()
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    types = torch.randint(0, 211, ids.shape)
+    with torch.no_grad():
+        for kwargs in (
+            dict(attention_mask=mask, position_ids=pos, labels=ids),
+            dict(attention_mask=mask, token_type_ids=types),
+            dict(inputs_embeds=ref.transformer.wte(ids), attention_mask=mask),
+            dict(attention_mask=mask, logits_to_keep=1),
+        ):
+            call = {k: v for k, v in kwargs.items() if k != "inputs_embeds"}
+            args = () if "inputs_embeds" in kwargs else (ids,)
+            if "inputs_embeds" in kwargs:
+                call["inputs_embeds"] = patched.transformer.wte(ids)
+            a, b = ref(*args, **kwargs), patched(*args, **call)
+            torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=0, msg=str(sorted(kwargs)))
+            if "labels" in kwargs:
+                torch.testing.assert_close(b.loss, a.loss, atol=1e-5, rtol=0)
+        # the cache of a first call continues in a second, and return_dict=False gives the same tuple
+        first_a = ref(ids[:, :4], attention_mask=mask[:, :4], use_cache=True)
+        first_b = patched(ids[:, :4], attention_mask=mask[:, :4], use_cache=True)
+        key = "cache" if "cache" in first_a else "past_key_values"
+        a = ref(ids[:, 4:], attention_mask=mask, **{key: first_a[key]})
+        b = patched(ids[:, 4:], attention_mask=mask, **{key: first_b[key]})
+        torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=0)
+        ta = ref(ids, labels=ids, return_dict=False)
+        tb = patched(ids, labels=ids, return_dict=False)
+        assert isinstance(tb, tuple) and len(tb) == len(ta)
+        torch.testing.assert_close(tb[0], ta[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(tb[1], ta[1], atol=1e-4, rtol=0)
+    # training mode with labels: the fused loss, also as a tuple, and with Trainer's num_items_in_batch
+    ref.train(), patched.train()
+    a = ref(ids, attention_mask=mask, labels=ids, return_dict=False, num_items_in_batch=11)
+    b = patched(ids, attention_mask=mask, labels=ids, return_dict=False, num_items_in_batch=11)
+    torch.testing.assert_close(b[0], a[0], atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# from_hf: configs this GPT cannot compute are refused, the untied head is supported (issue 13)
+def _tiny_hf(**config):
+    cfg = transformers.GPT2Config(
+        vocab_size=67, n_positions=24, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0, **config
+    )
+    torch.manual_seed(2)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(tie_word_embeddings=False),
+        dict(reorder_and_upcast_attn=True, attn_implementation="eager"),  # the same function, upcast
+        dict(n_inner=128),  # 4 * n_embd, spelled out
+        dict(activation_function="gelu_pytorch_tanh"),
+    ],
+)
+def test_from_hf_supported_configs_give_the_same_logits(config, tmp_path):
+    hf = _tiny_hf(**config)
+    if not hf.config.tie_word_embeddings:
+        assert hf.lm_head.weight is not hf.transformer.wte.weight
+    model = GPT.from_hf(hf, kernels="torch").eval()
+    idx = torch.randint(0, 67, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), hf(idx).logits, atol=1e-4, rtol=0)
+    if not hf.config.tie_word_embeddings:  # and back out: still untied in transformers
+        back = transformers.GPT2LMHeadModel.from_pretrained(model.save_hf(tmp_path / "untied")).eval()
+        assert not back.config.tie_word_embeddings
+        with torch.no_grad():
+            torch.testing.assert_close(back(idx).logits, hf(idx).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (dict(scale_attn_weights=False), "scale_attn_weights=False"),
+        (dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx=True"),
+        (dict(n_inner=80), "n_inner=80"),
+        (dict(activation_function="relu"), "activation_function='relu'"),
+        (dict(activation_function="gelu"), "activation_function='gelu'"),  # erf GELU: close, but not the same
+    ],
+)
+def test_from_hf_refuses_configs_it_would_compute_differently(config, message, tmp_path):
+    hf = _tiny_hf(**config)
+    with pytest.raises(ValueError, match=f"cannot load this GPT-2 exactly; unsupported: {message}"):
+        GPT.from_hf(hf, kernels="torch")
+    hf.save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match=message):
+        GPT.from_hf(tmp_path / "m", kernels="torch")
+
+
+def test_from_hf_checks_the_logits_after_loading():
+    hf = _tiny_hf()
+    hf.transformer.h[1].attn.scaling = 1.0  # a change its config does not show
+    with pytest.raises(ValueError, match="logits differ from the Hugging Face model's"):
+        GPT.from_hf(hf, kernels="torch")
+
+
+def test_from_hf_names_that_mean_a_local_folder_never_go_to_the_network(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # even online
+    _tiny_hf().save_pretrained(tmp_path / "out" / "tiny-hf")
+
+    def no_network(*args, local_files_only=False, **kwargs):
+        if local_files_only:  # the local Hugging Face cache: not there
+            raise OSError("not in the cache")
+        raise AssertionError("went to the hub")
+
+    monkeypatch.setattr(transformers.GPT2LMHeadModel, "from_pretrained", no_network)
+    (tmp_path / "tiny-hf2").mkdir()
+    start = time.monotonic()
+    for name, message in [
+        ("out/tiny-hff", r"no such model folder: out/tiny-hff \(out/ is a local folder\)"),
+        ("./tiny", "no such model folder: tiny"),
+        ("tiny-hf", r"no such model folder: tiny-hf \(did you mean tiny-hf2\?\)"),  # a typo-like name
+    ]:
+        with pytest.raises(FileNotFoundError, match=message):
+            GPT.from_hf(name)
+    assert time.monotonic() - start < 5
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        GPT.from_hf("empty")
+
+
+def test_from_hf_hub_name_offline_not_cached_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="not a local folder nor in the Hugging Face cache"):
+        GPT.from_hf("nobody-has-this/gpt2-model-xyz")
+
+
+def test_from_hf_with_triton_kernels_loads_where_the_kernels_cannot_run(monkeypatch):
+    from gptkernels.ops import _backend
+
+    monkeypatch.setattr(_backend, "interpreter_on", lambda: False)  # a CPU without TRITON_INTERPRET=1
+    model = GPT.from_hf(_tiny_hf(), kernels="triton")  # the logit check after loading uses PyTorch's ops
+    assert model.config.kernels == "triton" and model.transformer.h[0].ln_1.kernels == "triton"
+
+
+def test_from_hf_refuses_folders_transformers_would_fill_with_random_weights(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _tiny_hf().save_pretrained(tmp_path / "partial")
+    weights = load_file(tmp_path / "partial" / "model.safetensors")
+    del weights["transformer.h.1.mlp.c_fc.weight"]
+    save_file(weights, tmp_path / "partial" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"weights missing from its files: transformer\.h\.1\.mlp\.c_fc\.weight"):
+        GPT.from_hf(tmp_path / "partial", kernels="torch")
+    llama = transformers.LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=50
+    )
+    transformers.LlamaForCausalLM(llama).save_pretrained(tmp_path / "llama")
+    with pytest.raises(ValueError, match="a 'llama' model, not a GPT-2"):
+        GPT.from_hf(tmp_path / "llama", kernels="torch")
