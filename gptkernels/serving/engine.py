@@ -201,6 +201,8 @@ class Engine:
         self._free = list(range(max_batch_size))  # a heap: the lowest free slot first keeps the batch dense
         self._ids = itertools.count()
         self.steps = 0
+        self.num_finished = 0  # requests that ran to a stop condition
+        self.num_aborted = 0  # requests dropped by abort_request / abort_all
 
     # -------------------------------------------------------------------------------------------------
     # Requests
@@ -253,15 +255,18 @@ class Engine:
         for seq in self.waiting:
             if seq.request_id == request_id:
                 self.waiting.remove(seq)
+                self.num_aborted += 1
                 return True
         for seq in self.running:
             if seq.request_id == request_id:
                 self._release(seq)
+                self.num_aborted += 1
                 return True
         return False
 
     def abort_all(self) -> list[str]:
         ids = [s.request_id for s in self.waiting] + [s.request_id for s in self.running]
+        self.num_aborted += len(ids)
         self.waiting.clear()
         for seq in list(self.running):
             self._release(seq)
@@ -455,6 +460,7 @@ class Engine:
                 seq.finish_reason = "length"
         if seq.finish_reason is not None:
             self._release(seq)
+            self.num_finished += 1
             return self._output(seq, len(seq.text))
         safe = len(seq.text) - _held_back(seq.text, p.stop)
         if safe <= seq.emitted_text and len(seq.out_ids) == seq.emitted_ids:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 import socket
 import threading
 import time
@@ -23,7 +24,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
@@ -91,7 +92,9 @@ def create_app(engine: AsyncEngine, model_name: str = "gptkernels", api_key: str
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         param = loc[0] if loc else None
         where = ".".join(loc)
-        if err.get("type") == "extra_forbidden":
+        if param == "prompt":
+            msg = "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids"
+        elif err.get("type") == "extra_forbidden":
             msg = f"unknown field {where!r}"
         elif err.get("type") == "json_invalid":
             msg = "the request body is not valid JSON"
@@ -107,30 +110,36 @@ def create_app(engine: AsyncEngine, model_name: str = "gptkernels", api_key: str
     async def _crash(request: Request, exc: Exception):
         return _error(500, f"internal error: {type(exc).__name__}: {exc}")
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return _error(401, "invalid or missing API key (Authorization: Bearer ...)", code="invalid_api_key")
-        return await call_next(request)
+    async def _auth(request: Request) -> None:
+        # A dependency, not an HTTP middleware: BaseHTTPMiddleware wraps receive() and hides client disconnects.
+        if api_key is not None and not secrets.compare_digest(
+            request.headers.get("authorization", ""), f"Bearer {api_key}"
+        ):
+            raise _BadRequest(
+                "invalid or missing API key (Authorization: Bearer ...)", status=401, code="invalid_api_key"
+            )
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_auth)])
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "running": eng.num_running, "waiting": len(eng.waiting)}
+        # Read from another thread without a lock: numbers for a person or a probe, not for decisions.
+        counts = dict(running=eng.num_running, waiting=len(eng.waiting), finished=eng.num_finished)
+        return {"status": "ok", **counts, "aborted": eng.num_aborted}
 
-    @app.get("/v1/models")
+    @v1.get("/models")
     async def models():
         card = {"id": model_name, "object": "model", "created": created, "owned_by": "gptkernels"}
         return {"object": "list", "data": [{**card, "max_model_len": eng.max_len}]}
 
-    @app.post("/v1/chat/completions")
+    @v1.post("/chat/completions")
     async def chat(request: Request):
         raise _BadRequest(
             f"model {model_name!r} has no chat format (it is a plain language model); use /v1/completions",
             code="chat_not_supported",
         )
 
-    @app.post("/v1/completions")
+    @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
         if body.model is not None and body.model != model_name:
             raise _BadRequest(
@@ -162,6 +171,7 @@ def create_app(engine: AsyncEngine, model_name: str = "gptkernels", api_key: str
             )
         return JSONResponse(await _complete(engine, jobs, rid, now, model_name, tokenizer, echo, prompt_usage, request))
 
+    app.include_router(v1)
     app.state.engine = engine
     return app
 
