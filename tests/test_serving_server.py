@@ -3,6 +3,9 @@ completions, streaming, seeds, stop strings, errors, auth, client disconnects an
 
 import asyncio
 import json
+import socket
+import subprocess
+import sys
 import time
 
 import httpx
@@ -13,6 +16,8 @@ import torch
 from gptkernels import GPT, GPTConfig
 from gptkernels.serving.server import build_app, run_in_thread
 from gptkernels.tokenizer import get_tokenizer
+
+from .cli_helpers import cli_env
 
 CTX = 64
 KEY = "test-key"
@@ -243,3 +248,50 @@ def test_32_concurrent_streaming_clients(server, model, tok):
         if kw["temperature"] == 0:
             assert texts[0] == greedy_text(model, tok, kw["prompt"], kw["max_tokens"]), f"client {i}"
     assert wait_idle(engine) and engine.num_free_slots == engine.max_batch_size
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_cli_starts_answers_and_stops(tmp_path, model, tok):
+    from gptkernels.checkpoint import save_checkpoint
+    from gptkernels.tokenizer import tokenizer_to_spec
+
+    spec = tokenizer_to_spec(tok)
+    state = {"step": 1, "model": model.state_dict(), "config": model.config.to_dict(), "tokenizer": spec}
+    save_checkpoint(tmp_path / "out", state)
+    port = free_port()
+    args = ["--checkpoint", str(tmp_path / "out"), "--port", str(port), "--api-key", KEY, "--log-level", "warning"]
+    proc = subprocess.Popen([sys.executable, "-m", "gptkernels.serve", *args], env=cli_env(), stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "server did not come up"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
+        r = c.completions.create(model=str(tmp_path / "out"), prompt="Hello world", max_tokens=6, temperature=0)
+        assert r.choices[0].text == greedy_text(model, tok, "Hello world", 6)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_serve_cli_bad_arguments(tmp_path, capsys):
+    from gptkernels.cli import UsageError
+    from gptkernels.serve import main
+
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2 and "one of the arguments --checkpoint --hf is required" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        main(["--checkpoint", str(tmp_path / "nowhere")])
+    with pytest.raises(UsageError, match="--max-batch-size must be >= 1"):
+        main(["--checkpoint", str(tmp_path / "nowhere"), "--max-batch-size", "0"])
