@@ -214,3 +214,25 @@ def test_decoding_rows_move_past_a_half_prefilled_sequence(model, tok):
         want = lp[len(p) - 1 : -1].gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]
         got = torch.tensor([t.logprob for t in out.logprobs])
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0, msg=rid)
+
+
+def test_a_row_with_nan_logits_ends_alone(model, tok, monkeypatch):
+    engine = Engine(model, tok, max_batch_size=2, eos_token_id=None)
+    decode = engine._decode
+
+    def poisoned(seqs):
+        logits = decode(seqs)
+        return torch.where(torch.tensor([s.request_id == "bad" for s in seqs])[:, None], torch.nan, logits)
+
+    monkeypatch.setattr(engine, "_decode", poisoned)
+    engine.add_request([1, 2, 3], SamplingParams(max_tokens=10, temperature=0), request_id="bad")
+    engine.add_request([4, 5], SamplingParams(max_tokens=10, temperature=0.7, seed=3), request_id="good")
+    outs = run(engine)
+    assert outs["bad"].finish_reason == "error" and len(outs["bad"].token_ids) == 1  # from the prefill
+    assert outs["good"].token_ids == reference(model, [4, 5], 10, temperature=0.7, seed=3)
+    assert engine.num_free_slots == 2
+
+
+def test_tiny_temperature_is_greedy(model, tok):
+    out = Engine(model, tok, eos_token_id=None).generate([[7, 8]], SamplingParams(max_tokens=6, temperature=1e-30))
+    assert out[0].token_ids == reference(model, [7, 8], 6, temperature=0)

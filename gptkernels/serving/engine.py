@@ -111,7 +111,8 @@ class Output:
     token_ids: list[int]  # new tokens (the end-of-text token is not included)
     logprobs: list[TokenLogprob]  # one per new token, when asked for
     finished: bool
-    finish_reason: str | None  # "stop" (end-of-text or a stop string), "length" (max_tokens) or "abort"
+    # "stop" (end-of-text or a stop string), "length" (max_tokens), or "error" (the model gave NaN or +inf logits)
+    finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
 
@@ -316,7 +317,7 @@ class Engine:
                 logits.append(last)
         if not rows:
             return []
-        tokens, logprobs = self._sample(rows, torch.cat(logits))
+        tokens, logprobs = self._sample(rows, logits[0] if len(logits) == 1 else torch.cat(logits))
         outputs = []
         for i, seq in enumerate(rows):
             out = self._advance(seq, int(tokens[i]), None if logprobs is None else logprobs[i])
@@ -416,16 +417,18 @@ class Engine:
             width = max(len(t) for t in seqs_ids)
             # Pad with the row's own first id: an id is penalised once however often it appears.
             prev = torch.tensor([t + [t[0]] * (width - len(t)) for t in seqs_ids], dtype=torch.long, device=dev)
-        uniforms = torch.cat([torch.rand(1, generator=s.generator, dtype=torch.float64, device=dev) for s in rows])
+        uniforms = torch.stack([torch.rand((), generator=s.generator, dtype=torch.float64, device=dev) for s in rows])
         tokens = sample(
             logits,
-            temperature=torch.tensor([p.temperature for p in ps], dtype=torch.float64, device=dev),
+            # Below 1e-5 the division by temperature could overflow float32: such rows are greedy (as in vLLM).
+            temperature=torch.tensor([_temperature(p) for p in ps], dtype=torch.float64, device=dev),
             top_k=torch.tensor([p.top_k for p in ps], dtype=torch.long, device=dev),
             top_p=torch.tensor([p.top_p for p in ps], dtype=torch.float64, device=dev),
             min_p=torch.tensor([p.min_p for p in ps], dtype=torch.float64, device=dev),
             repetition_penalty=penalty,
             prev_tokens=prev,
             uniforms=uniforms,
+            validate=False,  # a bad row (NaN logits) gets id -1 and ends alone; the others go on
         ).tolist()
         want = [i for i, p in enumerate(ps) if p.logprobs is not None]
         if not want:
@@ -444,7 +447,9 @@ class Engine:
     def _advance(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> Output | None:
         """Append ``token`` to ``seq``, check its stop conditions and return what it can emit now."""
         p = seq.params
-        if self.eos_token_id is not None and token == self.eos_token_id and not p.ignore_eos:
+        if token < 0:
+            seq.finish_reason = "error"
+        elif self.eos_token_id is not None and token == self.eos_token_id and not p.ignore_eos:
             seq.finish_reason = "stop"
         else:
             seq.out_ids.append(token)
@@ -516,6 +521,10 @@ class Engine:
                 self._free.remove(dst)
                 self._free.append(src)
                 heapq.heapify(self._free)
+
+
+def _temperature(p: SamplingParams) -> float:
+    return 0.0 if p.temperature < 1e-5 else p.temperature
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:

@@ -307,6 +307,8 @@ async def _complete(engine, jobs, rid, now, model_name, tokenizer, echo, prompt_
             task.cancel()
     if task.cancelled():
         raise _BadRequest("the client disconnected", status=499)
+    if "error" in reasons:
+        raise _BadRequest("generation failed: the model produced NaN or infinite logits", status=500)
     if exc is not None:
         if isinstance(exc, ValueError | EngineError):
             raise _engine_error(exc)
@@ -344,6 +346,10 @@ async def _stream(engine, jobs, rid, now, model_name, tokenizer, echo, prompt_us
             lp, offsets[i] = _logprobs_json(out, tokenizer, offsets[i])
             if out.finished:
                 completion += out.completion_tokens
+            if out.finish_reason == "error":
+                message = f"choice {i}: generation failed: the model produced NaN or infinite logits"
+                yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n"
+                continue
             yield chunk([{"index": i, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}])
     except (ValueError, EngineError) as e:
         err = {"error": {"message": str(e), "type": "server_error", "param": None, "code": None}}
