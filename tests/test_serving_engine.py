@@ -183,6 +183,7 @@ def test_logprobs_are_the_models(model, tok):
         ([1], SamplingParams(max_tokens=0), "max_tokens"),
         ([1], SamplingParams(stop=("",)), "stop strings"),
         ([1], SamplingParams(logprobs=99), "logprobs"),
+        ([1], SamplingParams(seed=2**64), "seed"),
     ],
 )
 def test_bad_requests_are_refused(model, tok, prompt, params, message):

@@ -295,3 +295,21 @@ def test_serve_cli_bad_arguments(tmp_path, capsys):
         main(["--checkpoint", str(tmp_path / "nowhere")])
     with pytest.raises(UsageError, match="--max-batch-size must be >= 1"):
         main(["--checkpoint", str(tmp_path / "nowhere"), "--max-batch-size", "0"])
+
+
+def test_engine_failure_ends_the_requests_in_flight_and_serving_goes_on(server, client, monkeypatch):
+    engine = server[1]
+    step = engine.step
+    calls = []
+
+    def failing_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("simulated out of memory")
+        return step()
+
+    monkeypatch.setattr(engine, "step", failing_once)
+    with pytest.raises(openai.InternalServerError, match="simulated out of memory"):
+        client.completions.create(model=NAME, prompt="Hello", max_tokens=4)
+    assert wait_idle(engine) and engine.num_free_slots == engine.max_batch_size
+    assert len(client.completions.create(model=NAME, prompt="Hello", max_tokens=4, temperature=0).choices) == 1

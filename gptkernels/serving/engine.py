@@ -89,8 +89,10 @@ class SamplingParams:
                 raise ValueError(f"logit_bias: the bias of token {tok} must be in [-100, 100], got {bias!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise bad("seed", "an integer")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**64
+        ):
+            raise bad("seed", "an integer in [-2**63, 2**64)")
         if self.logprobs is not None and not (0 <= self.logprobs <= MAX_LOGPROBS):
             raise bad("logprobs", f"an integer in [0, {MAX_LOGPROBS}]")
 
