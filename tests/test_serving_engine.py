@@ -237,3 +237,29 @@ def test_a_row_with_nan_logits_ends_alone(model, tok, monkeypatch):
 def test_tiny_temperature_is_greedy(model, tok):
     out = Engine(model, tok, eos_token_id=None).generate([[7, 8]], SamplingParams(max_tokens=6, temperature=1e-30))
     assert out[0].token_ids == reference(model, [7, 8], 6, temperature=0)
+
+
+def test_logit_bias_and_presence_penalty(model, tok):
+    engine = Engine(model, tok, eos_token_id=None)
+    prompt = [11, 12, 13]
+    ref = reference(model, prompt, 12, temperature=0)
+    assert len(set(ref)) < len(ref)  # the random model repeats itself greedily
+    biased, fresh = engine.generate(
+        [prompt, prompt],
+        [
+            SamplingParams(max_tokens=5, temperature=0, logit_bias={777: 100.0}),
+            SamplingParams(max_tokens=12, temperature=0, presence_penalty=2.0),
+        ],
+    )
+    assert biased.token_ids == [777] * 5
+    assert len(set(fresh.token_ids)) == 12 and fresh.token_ids[0] == ref[0]  # nothing generated yet at step 1
+
+
+def test_benchmark_script_runs(capsys):
+    from gptkernels.serving import bench
+
+    rows, latency = bench.run_benchmark("tiny", concurrency=(1, 3), prompt_len=4, max_tokens=3, sequential_runs=1)
+    assert [r["concurrency"] for r in rows] == [1, 3]
+    assert all(r["engine"] > 0 and r["generate"] > 0 and r["hf_single"] > 0 and r["hf_batch"] > 0 for r in rows)
+    assert latency["ttft"]["p50"] > 0 and latency["itl"]["p50"] > 0
+    assert "| tiny (cpu) | 3 |" in bench.format_table(rows, latency)

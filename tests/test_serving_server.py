@@ -123,6 +123,11 @@ def test_stop_strings(client, model, tok):
     assert "".join(c.choices[0].text for c in chunks) == full[: full.find(stop)]
 
 
+def test_echo(client, model, tok):
+    r = client.completions.create(model=NAME, prompt="Hello world", max_tokens=5, temperature=0, echo=True)
+    assert r.choices[0].text == "Hello world" + greedy_text(model, tok, "Hello world", 5)
+
+
 def test_logprobs(client):
     r = client.completions.create(model=NAME, prompt="Hello", max_tokens=4, temperature=0, logprobs=2)
     lp = r.choices[0].logprobs
