@@ -14,9 +14,11 @@ Every request becomes a :class:`Sequence` that owns one slot of a preallocated K
 5. checks the stop conditions (max tokens, end-of-text, stop strings found in the decoded text; the stop string
    is never emitted) and frees the slots of finished sequences for the next waiting ones.
 
-Greedy output equals ``model.generate`` token for token: the prompt goes through the model's own forward (same
-computation as ``generate``'s prefill when it fits in one chunk) and each decode step uses the model's modules;
-only the batching changes the order of float operations inside matrix products, by a few ulps.
+Greedy output equals ``model.generate`` token for token (the tests check it under mixed load): the prompt goes
+through the model's own forward (the very computation of ``generate``'s first step when it fits in one chunk) and
+each decode step runs the model's own modules and weights. What batching changes is the rounding inside the
+matrix products (BLAS computes a 32-row product in another order than a 1-row one), a few ulps of the logits,
+which could only flip an exact near-tie between the two most likely tokens.
 
 Typical use from Python::
 
@@ -250,6 +252,8 @@ class Engine:
         ids = self.encode(prompt)
         self.check_request(ids, params)
         rid = str(next(self._ids)) if request_id is None else request_id
+        if any(s.request_id == rid for s in itertools.chain(self.waiting, self.running)):
+            raise ValueError(f"request id {rid!r} is already in use")
         self.waiting.append(Sequence(rid, ids, params, self.device))
         return rid
 
