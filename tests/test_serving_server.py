@@ -171,6 +171,9 @@ def test_error_body_and_other_endpoints(server, client):
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="gpt-4", prompt="Hi", max_tokens=2)
     assert [m.id for m in client.models.list()] == [NAME]
+    r = httpx.get(f"{url}/nowhere", headers=h)
+    assert r.status_code == 404 and "/v1/nowhere" in r.json()["error"]["message"]
+    assert httpx.get(f"{url}/completions", headers=h).status_code == 405
     assert httpx.get(url.removesuffix("/v1") + "/health").json()["status"] == "ok"
 
 
@@ -179,6 +182,7 @@ def test_api_key_is_required(server):
     with pytest.raises(openai.AuthenticationError):
         bad.completions.create(model=NAME, prompt="Hi", max_tokens=2)
     assert httpx.get(f"{server[0]}/models").status_code == 401
+    assert httpx.get(f"{server[0]}/models", headers={"Authorization": "Bearer é".encode("latin-1")}).status_code == 401
 
 
 def wait_idle(engine, timeout=20.0):

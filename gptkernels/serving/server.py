@@ -28,6 +28,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .async_engine import AsyncEngine, EngineError
 from .engine import Engine, Output, SamplingParams
@@ -39,7 +40,9 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
     return JSONResponse(body, status_code=status)
 
 
-class _BadRequest(Exception):
+class _ApiError(Exception):
+    """An error answered in OpenAI's format (400 unless ``status`` says otherwise)."""
+
     def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None) -> None:
         super().__init__(message)
         self.param, self.status, self.code = param, status, code
@@ -102,9 +105,13 @@ def create_app(engine: AsyncEngine, model_name: str = "gptkernels", api_key: str
             msg = f"{where}: {err.get('msg')}" if where else str(err.get("msg"))
         return _error(400, msg, param)
 
-    @app.exception_handler(_BadRequest)
-    async def _bad(request: Request, exc: _BadRequest):
+    @app.exception_handler(_ApiError)
+    async def _bad(request: Request, exc: _ApiError):
         return _error(exc.status, str(exc), exc.param, exc.code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):  # unknown paths, wrong methods
+        return _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception):
@@ -113,9 +120,9 @@ def create_app(engine: AsyncEngine, model_name: str = "gptkernels", api_key: str
     async def _auth(request: Request) -> None:
         # A dependency, not an HTTP middleware: BaseHTTPMiddleware wraps receive() and hides client disconnects.
         if api_key is not None and not secrets.compare_digest(
-            request.headers.get("authorization", ""), f"Bearer {api_key}"
+            request.headers.get("authorization", "").encode(), f"Bearer {api_key}".encode()
         ):
-            raise _BadRequest(
+            raise _ApiError(
                 "invalid or missing API key (Authorization: Bearer ...)", status=401, code="invalid_api_key"
             )
 
@@ -134,7 +141,7 @@ def create_app(engine: AsyncEngine, model_name: str = "gptkernels", api_key: str
 
     @v1.post("/chat/completions")
     async def chat(request: Request):
-        raise _BadRequest(
+        raise _ApiError(
             f"model {model_name!r} has no chat format (it is a plain language model); use /v1/completions",
             code="chat_not_supported",
         )
@@ -142,13 +149,13 @@ def create_app(engine: AsyncEngine, model_name: str = "gptkernels", api_key: str
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
         if body.model is not None and body.model != model_name:
-            raise _BadRequest(
+            raise _ApiError(
                 f"the model {body.model!r} does not exist; this server has {model_name!r}",
                 "model",
                 404,
                 "model_not_found",
             )
-        prompts = _prompts(body, eng)
+        prompts = _prompts(body, eng, max_n)
         jobs, params_list = [], []
         for p in prompts:
             for j in range(body.n):
@@ -156,7 +163,7 @@ def create_app(engine: AsyncEngine, model_name: str = "gptkernels", api_key: str
                 try:
                     eng.check_request(p, params)
                 except ValueError as e:
-                    raise _BadRequest(str(e), _param_of(str(e))) from None
+                    raise _ApiError(str(e), _param_of(str(e))) from None
                 jobs.append((p, params))
                 params_list.append(params)
         rid = f"cmpl-{uuid.uuid4().hex}"
@@ -196,29 +203,29 @@ def _param_of(message: str) -> str | None:
     return "prompt" if "prompt" in message else None
 
 
-def _prompts(body, eng: Engine) -> list[list[int]]:
-    if body.n < 1 or body.n > 16:
-        raise _BadRequest(f"n must be in [1, 16], got {body.n}", "n")
+def _prompts(body, eng: Engine, max_n: int) -> list[list[int]]:
+    if not 1 <= body.n <= max_n:
+        raise _ApiError(f"n must be in [1, {max_n}], got {body.n}", "n")
     if body.best_of is not None and body.best_of != body.n:
-        raise _BadRequest("best_of is not supported (leave it out or make it equal to n)", "best_of")
+        raise _ApiError("best_of is not supported (leave it out or make it equal to n)", "best_of")
     if body.suffix is not None:
-        raise _BadRequest("suffix (insertion) is not supported by this model", "suffix")
+        raise _ApiError("suffix (insertion) is not supported by this model", "suffix")
     if body.echo and body.logprobs is not None:
-        raise _BadRequest("echo with logprobs needs prompt logprobs, which this server does not compute", "echo")
+        raise _ApiError("echo with logprobs needs prompt logprobs, which this server does not compute", "echo")
     p = body.prompt
     raw = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
     if not raw:
-        raise _BadRequest("prompt must not be empty", "prompt")
+        raise _ApiError("prompt must not be empty", "prompt")
     if len(raw) * body.n > eng.max_batch_size * 4:
-        raise _BadRequest(f"too many prompts x n ({len(raw) * body.n}); at most {eng.max_batch_size * 4}", "prompt")
+        raise _ApiError(f"too many prompts x n ({len(raw) * body.n}); at most {eng.max_batch_size * 4}", "prompt")
     out = []
     for x in raw:
         try:
             ids = eng.encode(x)
         except ValueError as e:
-            raise _BadRequest(str(e), "prompt") from None
+            raise _ApiError(str(e), "prompt") from None
         if not ids:
-            raise _BadRequest("prompt must not be empty", "prompt")
+            raise _ApiError("prompt must not be empty", "prompt")
         out.append(ids)
     return out
 
@@ -226,13 +233,13 @@ def _prompts(body, eng: Engine) -> list[list[int]]:
 def _sampling_params(body, choice: int) -> SamplingParams:
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     if len(stop) > 4:
-        raise _BadRequest(f"at most 4 stop strings, got {len(stop)}", "stop")
+        raise _ApiError(f"at most 4 stop strings, got {len(stop)}", "stop")
     bias = {}
     for k, v in (body.logit_bias or {}).items():
         try:
             bias[int(k)] = v
         except ValueError:
-            raise _BadRequest(f"logit_bias keys must be token ids, got {k!r}", "logit_bias") from None
+            raise _ApiError(f"logit_bias keys must be token ids, got {k!r}", "logit_bias") from None
     return SamplingParams(
         max_tokens=16 if body.max_tokens is None else body.max_tokens,
         temperature=body.temperature,
@@ -274,9 +281,9 @@ def _merge_logprobs(a: dict | None, b: dict | None) -> dict | None:
     return {k: a[k] + b[k] for k in a}
 
 
-def _engine_error(e: BaseException) -> _BadRequest:
+def _engine_error(e: BaseException) -> _ApiError:
     status = 400 if isinstance(e, ValueError) else 500
-    return _BadRequest(str(e), status=status)
+    return _ApiError(str(e), status=status)
 
 
 async def _complete(engine, jobs, rid, now, model_name, tokenizer, echo, prompt_usage, request) -> dict:
@@ -306,9 +313,9 @@ async def _complete(engine, jobs, rid, now, model_name, tokenizer, echo, prompt_
         if not task.done():
             task.cancel()
     if task.cancelled():
-        raise _BadRequest("the client disconnected", status=499)
+        raise _ApiError("the client disconnected", status=499)
     if "error" in reasons:
-        raise _BadRequest("generation failed: the model produced NaN or infinite logits", status=500)
+        raise _ApiError("generation failed: the model produced NaN or infinite logits", status=500)
     if exc is not None:
         if isinstance(exc, ValueError | EngineError):
             raise _engine_error(exc)
