@@ -322,3 +322,24 @@ def test_engine_failure_ends_the_requests_in_flight_and_serving_goes_on(server, 
         client.completions.create(model=NAME, prompt="Hello", max_tokens=4)
     assert wait_idle(engine) and engine.num_free_slots == engine.max_batch_size
     assert len(client.completions.create(model=NAME, prompt="Hello", max_tokens=4, temperature=0).choices) == 1
+
+
+def test_stopping_the_engine_ends_the_requests_in_flight(model, tok):
+    from gptkernels.serving.async_engine import AsyncEngine, EngineError
+    from gptkernels.serving.engine import Engine, SamplingParams
+
+    core = Engine(model, tok, max_batch_size=2)
+    step = core.step
+    core.step = lambda: time.sleep(0.02) or step()  # 62 tokens take over a second: stop() comes first
+    engine = AsyncEngine(core).start()
+
+    async def main():
+        got = []
+        with pytest.raises(EngineError, match="shutting down"):
+            async for _, out in engine.generate([([1, 2], SamplingParams(max_tokens=CTX - 2, ignore_eos=True))]):
+                got.append(out)
+                if len(got) == 2:
+                    await asyncio.get_running_loop().run_in_executor(None, engine.stop)
+        return got
+
+    assert len(asyncio.run(asyncio.wait_for(main(), timeout=60))) >= 2

@@ -38,11 +38,16 @@ class AsyncEngine:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
+        """End the thread; requests still in flight end with :class:`EngineError`."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        with self._lock:
+            pending = list(self._routes)
+        for rid in pending:
+            self._deliver(rid, EngineError("the server is shutting down"))
 
     async def generate(self, requests: list[tuple[list[int], SamplingParams]]) -> AsyncIterator[tuple[int, Output]]:
         """Run several requests (e.g. the ``n`` choices of one HTTP request); yield ``(index, output)`` as they
