@@ -262,4 +262,5 @@ def test_benchmark_script_runs(capsys):
     assert [r["concurrency"] for r in rows] == [1, 3]
     assert all(r["engine"] > 0 and r["generate"] > 0 and r["hf_single"] > 0 and r["hf_batch"] > 0 for r in rows)
     assert latency["ttft"]["p50"] > 0 and latency["itl"]["p50"] > 0
+    assert latency["http_ttft"]["p50"] > 0 and latency["http_itl"]["p50"] > 0 and latency["http_tokens_per_s"] > 0
     assert "| tiny (cpu) | 3 |" in bench.format_table(rows, latency)

@@ -10,9 +10,10 @@ together and each generates ``--max-tokens`` tokens greedily (no early stop):
 - ``hf``: ``transformers`` ``GPT2LMHeadModel.generate`` on the same weights (``model.save_hf``), one request at
   a time (``hf 1-by-1``) and the ``c`` prompts as one batch (``hf batch``; same length, so no padding).
 
-Time to first token (TTFT) and inter-token latency (ITL) percentiles are taken from the engine run at the
-largest concurrency: TTFT from the arrival of all requests to each one's first token, ITL between consecutive
-tokens of a request. Prints a markdown table; ``--csv`` also writes the rows to a file.
+Time to first token (TTFT) and inter-token latency (ITL) percentiles come from the run at the largest
+concurrency: TTFT from the arrival of all requests to each one's first token, ITL between consecutive tokens of
+a request; once from the engine's own steps, once through the HTTP server with one streaming ``openai`` client
+per request (``--no-http`` skips it). Prints markdown tables; ``--csv`` also writes the rows to a file.
 
     python -m gptkernels.serving.bench --config tiny
     python -m gptkernels.serving.bench --config gpt2 --max-tokens 32 --concurrency 1 8 32
@@ -67,6 +68,36 @@ def engine_run(model: GPT, tokenizer: Any, prompts: list[list[int]], max_tokens:
     return {"tokens_per_s": tokens / elapsed, "elapsed": elapsed, "times": list(times.values())}
 
 
+def http_run(model: GPT, tokenizer: Any, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+    """The same load through the HTTP server: one streaming ``openai`` client per prompt, all at once."""
+    import asyncio
+
+    import openai
+
+    from .server import build_app, run_in_thread
+
+    app = build_app(model, tokenizer, max_batch_size=len(prompts), max_len=len(prompts[0]) + max_tokens)
+
+    async def one(client, prompt, t0):
+        times = []
+        kw = dict(model="gptkernels", prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True)
+        async for chunk in await client.completions.create(**kw, extra_body={"ignore_eos": True}):
+            if chunk.choices and chunk.choices[0].text:
+                times.append(time.perf_counter() - t0)
+        return times
+
+    async def main(url):
+        async with openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=3600) as client:
+            await one(client, prompts[0][:4], time.perf_counter())  # warm-up
+            t0 = time.perf_counter()
+            times = await asyncio.gather(*(one(client, p, t0) for p in prompts))
+            return times, time.perf_counter() - t0
+
+    with run_in_thread(app) as url:
+        times, elapsed = asyncio.run(main(url))
+    return {"tokens_per_s": len(prompts) * max_tokens / elapsed, "elapsed": elapsed, "times": times}
+
+
 def generate_rate(model: GPT, prompts: list[list[int]], max_tokens: int) -> float:
     """tokens/s of ``model.generate``, one request after another."""
     device = model.transformer.wte.weight.device
@@ -95,6 +126,13 @@ def hf_rate(hf: Any, prompts: list[list[int]], max_tokens: int, batched: bool) -
     return len(prompts) * max_tokens / (time.perf_counter() - t0)
 
 
+def _latency(times: list[list[float]]) -> dict[str, dict[str, float]]:
+    """TTFT (each request's first token) and ITL (gaps between its tokens) percentiles."""
+    ttft = [t[0] for t in times if t]
+    itl = [b - a for t in times for a, b in zip(t, t[1:])]
+    return {"ttft": _percentiles(ttft), "itl": _percentiles(itl)}
+
+
 def _percentiles(values: list[float]) -> dict[str, float]:
     if len(values) < 2:
         return {"p50": values[0] if values else float("nan"), "p90": float("nan"), "p99": float("nan")}
@@ -110,10 +148,12 @@ def run_benchmark(
     device: str | torch.device = "cpu",
     sequential_runs: int = 4,
     hf: bool = True,
+    http: bool = True,
     seed: int = 0,
-) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows ``{config, concurrency, engine, generate, hf_single, hf_batch, speedup}`` (tokens/s) and the latency
-    percentiles (seconds) at the largest concurrency."""
+    percentiles (seconds) at the largest concurrency: ``ttft``/``itl`` of the engine, and with ``http`` the same
+    through the server (``http_ttft``, ``http_itl``, ``http_tokens_per_s``)."""
     device = torch.device(device)
     torch.manual_seed(seed)
     cfg = GPTConfig.preset(config, kernels="torch" if device.type == "cpu" else "auto")
@@ -145,9 +185,11 @@ def run_benchmark(
         row["speedup"] = run["tokens_per_s"] / seq_rate
         rows.append(row)
         if c == max(concurrency):
-            ttft = [t[0] for t in run["times"] if t]
-            itl = [b - a for t in run["times"] for a, b in zip(t, t[1:])]
-            latency = {"ttft": _percentiles(ttft), "itl": _percentiles(itl)}
+            latency = _latency(run["times"])
+            if http:
+                over_http = http_run(model, tokenizer, prompts, max_tokens)
+                latency.update({f"http_{k}": v for k, v in _latency(over_http["times"]).items()})
+                latency["http_tokens_per_s"] = over_http["tokens_per_s"]
     return rows, latency
 
 
@@ -165,15 +207,20 @@ def format_table(rows: list[dict[str, Any]], latency: dict[str, dict[str, float]
             f"| {r['config']} ({r['device']}) | {r['concurrency']} | {f(r['engine'])} | {f(r['generate'])} | "
             f"{r['speedup']:.1f}x | {f(r['hf_single'])} | {f(r['hf_batch'])} |"
         )
-    if latency:
-        c = max(r["concurrency"] for r in rows)
-        for name, label in (("ttft", "time to first token"), ("itl", "inter-token latency")):
-            p = latency[name]
-            lines.append(
-                f"\n{label} at {c} clients: p50 {p['p50'] * 1e3:.1f} ms, p90 {p['p90'] * 1e3:.1f} ms, "
-                f"p99 {p['p99'] * 1e3:.1f} ms"
-            )
+    c = max(r["concurrency"] for r in rows)
+    lines.append(f"\nlatency at {c} clients (p50 / p90 / p99 ms):\n")
+    lines += ["| path | time to first token | inter-token latency |", "|---|---|---|"]
+    for path, prefix in (("engine", ""), ("HTTP streaming (openai client)", "http_")):
+        if f"{prefix}ttft" in latency:
+            t, i = latency[f"{prefix}ttft"], latency[f"{prefix}itl"]
+            lines.append(f"| {path} | {_ms(t)} | {_ms(i)} |")
+    if "http_tokens_per_s" in latency:
+        lines.append(f"\nthroughput over HTTP at {c} clients: {latency['http_tokens_per_s']:,.0f} tok/s")
     return "\n".join(lines)
+
+
+def _ms(p: dict[str, float]) -> str:
+    return " / ".join(f"{p[k] * 1e3:.1f}" for k in ("p50", "p90", "p99"))
 
 
 def build_parser() -> OneLineErrorParser:
@@ -184,6 +231,7 @@ def build_parser() -> OneLineErrorParser:
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (default: 64)")
     p.add_argument("--sequential-runs", type=int, default=4, help="requests timed one by one (default: 4)")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
+    p.add_argument("--no-http", action="store_true", help="skip the latency run through the HTTP server")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
     p.add_argument("--csv", help="also write the rows to this CSV file")
     return p
@@ -201,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         resolve_device(args.device),
         args.sequential_runs,
         hf=not args.no_hf,
+        http=not args.no_http,
     )
     print(format_table(rows, latency))
     if args.csv:
