@@ -156,7 +156,7 @@ def create_app(engine: AsyncEngine, model_name: str = "gptkernels", api_key: str
                 "model_not_found",
             )
         prompts = _prompts(body, eng, max_n)
-        jobs, params_list = [], []
+        jobs = []
         for p in prompts:
             for j in range(body.n):
                 params = _sampling_params(body, j)
@@ -165,7 +165,6 @@ def create_app(engine: AsyncEngine, model_name: str = "gptkernels", api_key: str
                 except ValueError as e:
                     raise _ApiError(str(e), _param_of(str(e))) from None
                 jobs.append((p, params))
-                params_list.append(params)
         rid = f"cmpl-{uuid.uuid4().hex}"
         now = int(time.time())
         echo = [tokenizer.decode(p) if body.echo else "" for p in prompts for _ in range(body.n)]
