@@ -310,3 +310,17 @@ def test_cuda_gpt2_shape_memory_and_accuracy(dtype):
     assert fused_peak <= eager_peak / 4, f"fused peak {fused_peak / 2**20:.0f} MiB, eager {eager_peak / 2**20:.0f} MiB"
     # GPT-2's vocabulary and 8 chunks of 1024 rows; the float64 oracle fits an H100 (~15 GB).
     _check_all(kernel, reference, _oracle(hidden, weight, targets, g), dtype)
+
+
+def test_auto_falls_back_to_the_reference_for_float64(device, monkeypatch):
+    """A dtype the kernel does not take: "auto" runs the PyTorch reference (one warning), "triton" refuses."""
+    monkeypatch.setattr(ops._backend, "_noticed", set())
+    hidden, weight, targets = _inputs(7, 257, 16, torch.float64, device)
+    with ops.count_launches() as launches, pytest.warns(UserWarning, match="dtype torch.float64"):
+        kernel = _run(ops.linear_cross_entropy, hidden, weight, targets, 1.0, backend="auto")
+    assert sum(launches.values()) == 0
+    reference = _run(ops.linear_cross_entropy_reference, hidden, weight, targets, 1.0)
+    for k, r in zip(kernel, reference, strict=True):
+        torch.testing.assert_close(k, r, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="hidden has dtype torch.float64"):
+        ops.linear_cross_entropy(hidden, weight, targets, backend="triton")

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
-from ._backend import use_triton
+from ._backend import autograd_function, call_op, use_triton
 from ._triton import tl, triton
-from .utils import check_tensor, device_guard, row_launch
+from .utils import FLOAT_DTYPES, check_tensor, device_guard, row_launch, unsupported_dtype
 
 # ---------------------------------------------------------------------------------------------------------
 # Reference (the CPU path and the test oracle)
@@ -275,8 +275,7 @@ def _linear_cross_entropy_fwd(
 # ---------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("gptkernels::linear_cross_entropy_fwd", mutates_args=())
-def _linear_cross_entropy_fwd_op(
+def _linear_cross_entropy_fwd_outputs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
@@ -290,6 +289,11 @@ def _linear_cross_entropy_fwd_op(
         return _linear_cross_entropy_fwd(
             hidden, weight, targets, ignore_index, chunk_rows, need_grad_hidden, need_grad_weight
         )
+
+
+_linear_cross_entropy_fwd_op = torch.library.custom_op("gptkernels::linear_cross_entropy_fwd", mutates_args=())(
+    _linear_cross_entropy_fwd_outputs
+)
 
 
 @_linear_cross_entropy_fwd_op.register_fake
@@ -323,6 +327,13 @@ def _linear_cross_entropy_backward(ctx, grad_loss, _grad_gh, _grad_gw, _grad_sca
 _linear_cross_entropy_fwd_op.register_autograd(
     _linear_cross_entropy_backward, setup_context=_linear_cross_entropy_setup_context
 )
+# The same forward/backward for eager mode without the custom op's dispatch cost (see _backend.call_op).
+_LinearCrossEntropyFunction = autograd_function(
+    "_LinearCrossEntropyFunction",
+    _linear_cross_entropy_fwd_outputs,
+    _linear_cross_entropy_setup_context,
+    _linear_cross_entropy_backward,
+)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -330,13 +341,20 @@ _linear_cross_entropy_fwd_op.register_autograd(
 # ---------------------------------------------------------------------------------------------------------
 
 _OP = "linear_cross_entropy"
+_REFERENCE_DTYPES = (*FLOAT_DTYPES, torch.float64)
 
 
-def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> None:
-    check_tensor(_OP, "hidden", hidden, ndim=2)
+def _check_inputs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
+) -> None:
+    check_tensor(_OP, "hidden", hidden, ndim=2, dtypes=dtypes)
     # Under autocast the two may differ (fp32 weight, bf16 activations): both are cast before the kernel.
     autocast = torch.is_autocast_enabled(hidden.device.type)
-    check_tensor(_OP, "weight", weight, ndim=2, device=hidden.device, like=None if autocast else hidden)
+    check_tensor(_OP, "weight", weight, ndim=2, dtypes=dtypes, device=hidden.device, like=None if autocast else hidden)
     check_tensor(_OP, "targets", targets, dtypes=(torch.int64,), ndim=1, device=hidden.device)
     if weight.shape[1] != hidden.shape[1]:
         raise ValueError(
@@ -357,7 +375,9 @@ def _linear_cross_entropy_triton(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int
 ) -> torch.Tensor:
     grad_on = torch.is_grad_enabled()
-    loss, _, _, _ = _linear_cross_entropy_fwd_op(
+    loss, _, _, _ = call_op(
+        _linear_cross_entropy_fwd_op,
+        _LinearCrossEntropyFunction,
         hidden,
         weight,
         targets,
@@ -399,8 +419,12 @@ def linear_cross_entropy(
     Returns:
         scalar fp32 loss, the mean over counted targets.
     """
-    _check_inputs(hidden, weight, targets, ignore_index)
-    if use_triton(_OP, hidden.device, backend):
+    unsupported = unsupported_dtype(hidden) if isinstance(hidden, torch.Tensor) else None
+    # The reference takes float64 too (the kernel's refusal is use_triton's to handle).
+    _check_inputs(hidden, weight, targets, ignore_index, FLOAT_DTYPES if unsupported is None else _REFERENCE_DTYPES)
+    if use_triton(_OP, hidden.device, backend, unsupported):
+        if unsupported is not None:  # "triton" with a dtype the kernel does not take: the dtype error
+            _check_inputs(hidden, weight, targets, ignore_index)
         device_type = hidden.device.type
         if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
