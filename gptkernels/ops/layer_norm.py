@@ -215,22 +215,22 @@ def _launch(N: int, M: int, device: torch.device, backward: bool) -> tuple[int, 
 
 def _layer_norm_fwd(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Launch the forward kernel.
 
     Args:
         x: (M, N) rows, fp32/fp16/bf16, unit stride along N. residual: (M, N) like x, or None.
         weight: (N,). bias: (N,) or None. eps: added to the variance.
     Returns:
-        y (M, N) in the dtype of s (or x), s (M, N) = x + residual in their promoted dtype (an empty (0, N)
-        tensor without residual), mean (M,) fp32, rstd (M,) fp32.
+        y (M, N) in the dtype of s (or x), s (M, N) = x + residual in their promoted dtype (None without
+        residual), mean (M,) fp32, rstd (M,) fp32.
     """
     M, N = x.shape
     if residual is not None:
         s = torch.empty((M, N), dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
         y = torch.empty_like(s)
     else:
-        s = x.new_empty((0, N))
+        s = None
         y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     mean = torch.empty(M, dtype=torch.float32, device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
