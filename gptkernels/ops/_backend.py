@@ -96,8 +96,14 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 def _eager(t: torch.Tensor) -> bool:
     """True in plain eager mode: not traced by torch.compile, no dispatch mode (make_fx, opcheck, fake
-    tensors) active, and ``t`` a plain tensor (not a FakeTensor, FunctionalTensor or other subclass)."""
-    return type(t) in _PLAIN and not torch.compiler.is_compiling() and _current_dispatch_mode() is None
+    tensors) and no torch.func transform active, and ``t`` a plain tensor (not a FakeTensor, FunctionalTensor
+    or other subclass)."""
+    return (
+        type(t) in _PLAIN
+        and not torch.compiler.is_compiling()
+        and _current_dispatch_mode() is None
+        and not torch._C._are_functorch_transforms_active()
+    )
 
 
 def call_op(op: Callable[..., Any], function: type[torch.autograd.Function], *args: Any) -> Any:
