@@ -2,9 +2,10 @@
 
 Liger-Kernel's fused linear cross-entropy: the rows of ``hidden`` are processed in chunks. For each chunk,
 cuBLAS computes the chunk's logits into one buffer reused by every chunk; one Triton kernel turns each row
-into its loss and overwrites it, in place, with d(loss)/d(logits); two more matmuls turn those into the
-chunk's rows of grad_hidden and its share of grad_weight. The (N, V) logits never exist whole, and the
-gradients are finished when the forward returns: the backward only scales them by the incoming gradient.
+into its loss and overwrites it, in place, with d(loss)/d(logits) up to a constant factor; two more matmuls
+turn those into the chunk's rows of grad_hidden and its share of grad_weight. The (N, V) logits never exist
+whole, and the gradients are computed when the forward returns: the backward only multiplies them by the
+incoming gradient and that factor (1 / n_valid, see _GRAD_SCALE for fp16), then casts.
 """
 
 from __future__ import annotations
