@@ -5,7 +5,8 @@
 //   top-k threshold      radix select on the order-preserving uint32 key of x: 4 passes, each a 256-bin shared
 //                        histogram of counts and one warp scan of it (no sort);
 //   top-p threshold      the same radix select with the bins holding int64 fixed-point masses (integer atomics:
-//                        exact, so the result does not depend on the order of the adds);
+//                        exact, so the result does not depend on the order of the adds; each bin is two 32-bit
+//                        words with a carry, because 64-bit shared-memory atomics compile to CAS retry loops);
 //   draw                 each thread sums the kept masses of its contiguous chunk, one cub::BlockScan gives the
 //                        chunk offsets and the total, and the thread whose chunk holds u * total walks it.
 // Every decision uses the IEEE operations of sampling.h, so a row gets the token the CPU op and the PyTorch
@@ -53,9 +54,37 @@ __device__ __forceinline__ float key_float(uint32_t k) {
   return bits_to_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
 }
 
+// A 256-bin shared histogram: clear(d), add(bin, w) from any thread, get(d) after a barrier.
+template <typename T>
+struct Hist {
+  T c[kBins];
+  __device__ __forceinline__ void clear(int d) { c[d] = 0; }
+  __device__ __forceinline__ void add(int b, T w) { atomicAdd(&c[b], w); }
+  __device__ __forceinline__ T get(int d) const { return c[d]; }
+};
+
+// 64-bit bins as two 32-bit words. sm_80/sm_90 have no native 64-bit shared-memory atomic add (it becomes a
+// compare-and-swap retry loop, which serialises on a hot bin); two native 32-bit adds and the carry of the low
+// word are exact: each add that wraps the low word returns an old value > its sum and carries exactly once.
+template <>
+struct Hist<unsigned long long> {
+  uint32_t lo[kBins];
+  uint32_t hi[kBins];
+  __device__ __forceinline__ void clear(int d) { lo[d] = 0, hi[d] = 0; }
+  __device__ __forceinline__ void add(int b, unsigned long long w) {
+    const uint32_t w_lo = static_cast<uint32_t>(w);
+    const uint32_t old = atomicAdd(&lo[b], w_lo);
+    const uint32_t w_hi = static_cast<uint32_t>(w >> 32) + (old + w_lo < old ? 1u : 0u);
+    if (w_hi != 0) atomicAdd(&hi[b], w_hi);
+  }
+  __device__ __forceinline__ unsigned long long get(int d) const {
+    return (static_cast<unsigned long long>(hi[d]) << 32) | lo[d];
+  }
+};
+
 template <typename T>
 struct RadixShared {
-  T hist[kBins];
+  Hist<T> hist;
   uint32_t digit;
   T above;
   T need;
@@ -70,7 +99,7 @@ __device__ float radix_select(const float* __restrict__ x, int n, float lo, T ne
   const int tid = threadIdx.x, lane = tid % kWarp;
   uint32_t prefix = 0, mask = 0;
   for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int d = tid; d < kBins; d += kThreads) sh.hist[d] = 0;
+    for (int d = tid; d < kBins; d += kThreads) sh.hist.clear(d);
     __syncthreads();
     for (int j = tid; j < n; j += kThreads) {
       const float v = x[j];
@@ -78,7 +107,7 @@ __device__ float radix_select(const float* __restrict__ x, int n, float lo, T ne
         const uint32_t key = float_key(v);
         if ((key & mask) == prefix) {
           const T w = weight(v);
-          if (w != 0) atomicAdd(&sh.hist[(key >> shift) & (kBins - 1)], w);
+          if (w != 0) sh.hist.add((key >> shift) & (kBins - 1), w);
         }
       }
     }
@@ -88,7 +117,7 @@ __device__ float radix_select(const float* __restrict__ x, int n, float lo, T ne
       T lane_sum = 0;
 #pragma unroll
       for (int i = 0; i < kBins / kWarp; ++i) {
-        local[i] = sh.hist[kBins - 1 - (lane * (kBins / kWarp) + i)];
+        local[i] = sh.hist.get(kBins - 1 - (lane * (kBins / kWarp) + i));
         lane_sum += local[i];
       }
       T incl = lane_sum;

@@ -195,3 +195,15 @@ def test_bad_inputs(device):
         _kernel(x, b.tolist())
     with pytest.raises(ValueError, match="x"):
         _kernel(torch.tensor(1.0, device=device), None)
+
+
+def test_auto_falls_back_to_the_reference_for_float64(device, monkeypatch):
+    """A dtype the kernel does not take: "auto" runs the PyTorch reference (one warning), "triton" refuses."""
+    monkeypatch.setattr(_backend, "_noticed", set())
+    x, b = _inputs((3, 64), torch.float64, device)
+    with ops.count_launches() as c, pytest.warns(UserWarning, match="dtype torch.float64"):
+        y = ops.bias_gelu(x, b, backend="auto")
+    assert sum(c.values()) == 0, dict(c)
+    torch.testing.assert_close(y, ops.bias_gelu_reference(x, b), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="x has dtype torch.float64"):
+        _kernel(x, b)

@@ -85,13 +85,61 @@ def test_chunks_agree_with_one_chunk(device, monkeypatch):
 
 
 def test_chunk_rows_choice():
-    # Liger's rule (logits of a chunk ~ the size of hidden) with a floor of _MIN_CHUNK_ROWS, at most N, >= 1.
-    assert ce._chunk_rows(8192, 768, 50257, 0) == ce._MIN_CHUNK_ROWS
-    assert ce._chunk_rows(200_000, 768, 50257, 0) == 4096  # next_pow2(cdiv(200000, 66))
-    assert ce._chunk_rows(7, 768, 50257, 0) == 7
-    assert ce._chunk_rows(7, 768, 50257, 3) == 3
-    assert ce._chunk_rows(7, 768, 50257, 100) == 7
-    assert ce._chunk_rows(0, 768, 50257, 0) == 1
+    # 4096 rows (the fp32 grad_weight accumulation compute-bound), capped by the logits buffer's byte budget,
+    # at most N, >= 1.
+    assert ce._chunk_rows(8192, 50257, 2, 0) == 4096  # GPT-2 bf16/fp16: 412 MB of logits
+    assert ce._chunk_rows(8192, 50257, 4, 0) == 2048  # fp32: the budget halves it
+    assert ce._chunk_rows(200_000, 50257, 2, 0) == 4096
+    assert ce._chunk_rows(8192, 256_000, 2, 0) == 1024  # a wide vocabulary stays within the budget
+    for v, e in [(50257, 2), (50257, 4), (256_000, 4), (10**7, 4)]:
+        assert ce._chunk_rows(10**6, v, e, 0) * ce._padded_cols(v) * e <= ce._MAX_CHUNK_BYTES
+    assert ce._chunk_rows(7, 50257, 2, 0) == 7
+    assert ce._chunk_rows(7, 50257, 2, 3) == 3
+    assert ce._chunk_rows(7, 50257, 2, 100) == 7
+    assert ce._chunk_rows(0, 50257, 2, 0) == 1
+
+
+def test_logits_rows_are_16_byte_aligned(device, monkeypatch):
+    # V = 257 is odd: the buffer's rows are padded so that each starts 16-byte aligned (vectorised loads).
+    seen = []
+    launch = ce._cross_entropy_rows
+    monkeypatch.setattr(ce, "_cross_entropy_rows", lambda logits, *a: (seen.append(logits), launch(logits, *a)))
+    monkeypatch.setattr(ce, "_CHUNK_ROWS_OVERRIDE", 3)
+    for dtype in (torch.float32, torch.float16):
+        hidden, weight, targets = _inputs(7, 257, 16, dtype, device)
+        _run(ops.linear_cross_entropy, hidden, weight, targets, 1.0, backend="triton")
+    assert len(seen) == 6
+    for logits in seen:
+        assert logits.stride(1) == 1 and logits.stride(0) % 16 == 0 and logits.stride(0) >= 257
+        assert logits.data_ptr() % 16 == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_grad_scaler_loss_scale_keeps_small_gradients(dtype, device):
+    """A GradScaler-sized incoming gradient (2**16): the gradients must be as accurate as eager PyTorch's.
+
+    Eager multiplies d(loss)/d(logits) by the loss scale before casting it to fp16, so p / n_valid * 2**16
+    survives for tiny probabilities p. Dividing by n_valid in fp16 before the scale is known flushes every
+    entry below ~6e-8 to zero (most of the LM-head gradient of the unlikely classes).
+    """
+    n, v, c = 64, 1000, 32
+    hidden = torch.randn(n, c, device=device).to(dtype)
+    weight = (torch.randn(v, c, device=device) * 5 * c**-0.5).to(dtype)  # logits of std ~5: many p < 1e-6
+    targets = torch.randint(0, v, (n,), device=device)
+    g = 2.0**16
+    kernel = _run(ops.linear_cross_entropy, hidden, weight, targets, g, backend="triton")
+    reference = _run(ops.linear_cross_entropy_reference, hidden, weight, targets, g)  # eager, fp32 upcast
+    oracle = _oracle(hidden, weight, targets, g)
+    for name, k, r, o in zip(("grad_hidden", "grad_weight"), kernel[1:], reference[1:], oracle[1:], strict=True):
+        assert k.dtype == dtype and torch.isfinite(k).all(), name
+        flushed = ((k == 0) & (o != 0)).sum().item()
+        assert flushed <= ((r == 0) & (o != 0)).sum().item(), f"{name}: {flushed} entries flushed to 0"
+
+        def off(t, o=o):  # the fraction of entries more than 1% off the oracle
+            return ((t.double() - o).abs() > 1e-2 * o.abs()).double().mean().item()
+
+        assert off(k) <= 1.5 * off(r) + 5e-3, f"{name}: {off(k):.3f} of entries off by > 1%, eager {off(r):.3f}"
+        assert_close_to_oracle(k, r, o, dtype, name)
 
 
 @pytest.mark.parametrize("ignore_index", [-1, 5])
@@ -260,5 +308,19 @@ def test_cuda_gpt2_shape_memory_and_accuracy(dtype):
     kernel, fused_peak = peak(ops.linear_cross_entropy, backend="triton")
     reference, eager_peak = peak(ops.linear_cross_entropy_reference)
     assert fused_peak <= eager_peak / 4, f"fused peak {fused_peak / 2**20:.0f} MiB, eager {eager_peak / 2**20:.0f} MiB"
-    # GPT-2's vocabulary and 8 chunks of 1024 rows; the float64 oracle fits an H100 (~15 GB).
+    # GPT-2's vocabulary, 2 chunks of 4096 rows (bf16) or 4 of 2048 (fp32); the float64 oracle fits an H100 (~15 GB).
     _check_all(kernel, reference, _oracle(hidden, weight, targets, g), dtype)
+
+
+def test_auto_falls_back_to_the_reference_for_float64(device, monkeypatch):
+    """A dtype the kernel does not take: "auto" runs the PyTorch reference (one warning), "triton" refuses."""
+    monkeypatch.setattr(ops._backend, "_noticed", set())
+    hidden, weight, targets = _inputs(7, 257, 16, torch.float64, device)
+    with ops.count_launches() as launches, pytest.warns(UserWarning, match="dtype torch.float64"):
+        kernel = _run(ops.linear_cross_entropy, hidden, weight, targets, 1.0, backend="auto")
+    assert sum(launches.values()) == 0
+    reference = _run(ops.linear_cross_entropy_reference, hidden, weight, targets, 1.0)
+    for k, r in zip(kernel, reference, strict=True):
+        torch.testing.assert_close(k, r, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="hidden has dtype torch.float64"):
+        ops.linear_cross_entropy(hidden, weight, targets, backend="triton")

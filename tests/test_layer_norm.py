@@ -7,11 +7,14 @@ counts that give each persistent program several tiles (the interpreter path run
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 from gptkernels import ops
 from gptkernels.ops import _backend
+from gptkernels.ops.layer_norm import _launch
 
 from .tolerances import assert_close_to_oracle
 
@@ -295,3 +298,47 @@ def test_bad_inputs(device):
         ops.add_layer_norm(x, x.to(torch.int32), w, b, backend="triton")
     with pytest.raises(ValueError, match="bias"):
         ops.add_layer_norm(x, x, w, b[:10], backend="triton")
+
+
+def _reference_with_grads(fn, inputs):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out.sum().backward()
+    return out.detach(), [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("case", ["wide_rows", "float64"])
+def test_auto_falls_back_to_the_reference_where_the_kernel_cannot_run(case, device, monkeypatch):
+    """Rows wider than the kernel holds, or a dtype it does not take: "auto" runs the PyTorch reference (one
+    warning per op and reason), "triton" refuses with a one-line error naming the problem."""
+    monkeypatch.setattr(_backend, "_noticed", set())
+    shape, dtype = ((2, 8193), torch.float32) if case == "wide_rows" else ((3, 64), torch.float64)
+    x, w, b = _inputs(shape, dtype, device)
+    match = "wider than the kernel's limit of 8192" if case == "wide_rows" else "dtype torch.float64"
+    for op, ref in [
+        (lambda x, w, b, **k: ops.layer_norm(x, w, b, **k), ops.layer_norm_reference),
+        (
+            lambda x, w, b, **k: ops.add_layer_norm(x, x, w, b, **k)[1],
+            lambda x, w, b: ops.add_layer_norm_reference(x, x, w, b)[1],
+        ),
+    ]:
+        with ops.count_launches() as c, pytest.warns(UserWarning, match=match):
+            out, grads = _reference_with_grads(lambda *t, op=op: op(*t, backend="auto"), [x, w, b])
+        assert sum(c.values()) == 0, dict(c)
+        ref_out, ref_grads = _reference_with_grads(ref, [x, w, b])
+        torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+        for g, r in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(g, r, rtol=0, atol=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per reason: the second call is silent
+            op(x, w, b, backend="auto")
+        with pytest.raises(TypeError if case == "float64" else ValueError, match="x" if case == "float64" else match):
+            op(x, w, b, backend="triton")
+
+
+def test_backward_pipelines_only_when_programs_walk_several_tiles():
+    cpu = torch.device("cpu")  # the interpreter's grid: 3 programs at most
+    assert _launch(768, 4096, cpu, True)[4] == 2
+    assert _launch(768, 1, cpu, True)[4] == 1  # one tile: nothing to overlap
+    assert _launch(8192, 4096, cpu, True)[4] == 1  # 2 stages of 8192-column tiles exceed sm_80's shared memory
+    assert all(_launch(n, 4096, cpu, bwd)[2] <= 16 for n in (1, 64, 768, 4096, 8192) for bwd in (False, True))

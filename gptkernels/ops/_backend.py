@@ -7,7 +7,8 @@
 - ``triton``: always the kernel; fails loudly if it cannot run (no triton, or a CPU tensor without
   ``TRITON_INTERPRET=1``).
 - ``auto``: the kernel on CUDA tensors, and on CPU tensors when Triton's interpreter is on; otherwise the
-  reference.
+  reference. An input the kernel cannot take (a dtype or a shape outside its range: the op passes the reason)
+  also runs the reference, with a once-per-reason warning; ``triton`` lets the kernel's checks refuse it.
 
 Every kernel launcher calls :func:`record` so that tests can prove the kernel ran, not the reference.
 Nothing here touches a GPU at import time.
@@ -18,13 +19,19 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
+
+from . import _triton
 
 BACKENDS = ("auto", "triton", "torch")
 
 _launches: collections.Counter[str] = collections.Counter()
+_noticed: set[tuple[str, str]] = set()
 
 
 def env_backend() -> str:
@@ -35,16 +42,12 @@ def env_backend() -> str:
 
 
 def triton_available() -> bool:
-    from ._triton import HAS_TRITON
-
-    return HAS_TRITON
+    return _triton.HAS_TRITON
 
 
 def interpreter_on() -> bool:
     """True when the kernels were built for Triton's CPU interpreter (decided when gptkernels was imported)."""
-    from ._triton import INTERPRETED
-
-    return INTERPRETED
+    return _triton.INTERPRETED
 
 
 def why_not_triton(device: torch.device) -> str | None:
@@ -63,17 +66,90 @@ def why_not_triton(device: torch.device) -> str | None:
     return f"Triton kernels do not run on device type {device.type!r}"
 
 
-def use_triton(op: str, device: torch.device, backend: str | None = None) -> bool:
-    """Decide whether ``op`` runs its Triton kernel for tensors on ``device``."""
+def use_triton(op: str, device: torch.device, backend: str | None = None, unsupported: str | None = None) -> bool:
+    """Decide whether ``op`` runs its Triton kernel for tensors on ``device``.
+
+    ``unsupported``: why the kernel cannot take this particular input (e.g. rows wider than it holds), or None.
+    With ``auto`` such an input runs the reference (one warning per op and reason); with ``triton`` this
+    returns True and the kernel path's own checks raise their precise error.
+    """
     choice = backend if backend not in (None, "auto") else env_backend()
     if choice not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {choice!r}")
     if choice == "torch":
         return False
     reason = why_not_triton(device)
-    if choice == "triton" and reason is not None:
-        raise RuntimeError(f"{op}: backend 'triton' was requested but cannot run: {reason}")
+    if choice == "triton":
+        if reason is not None:
+            raise RuntimeError(f"{op}: backend 'triton' was requested but cannot run: {reason}")
+        return True
+    if reason is None and unsupported is not None:
+        if (op, unsupported) not in _noticed:
+            _noticed.add((op, unsupported))
+            warnings.warn(f"{op}: running the PyTorch reference: {unsupported}", stacklevel=3)
+        return False
     return reason is None
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _eager(t: torch.Tensor) -> bool:
+    """True in plain eager mode: not traced by torch.compile, no dispatch mode (make_fx, opcheck, fake
+    tensors) and no torch.func transform active, and ``t`` a plain tensor (not a FakeTensor, FunctionalTensor
+    or other subclass)."""
+    return (
+        type(t) in _PLAIN
+        and not torch.compiler.is_compiling()
+        and _current_dispatch_mode() is None
+        and not torch._C._are_functorch_transforms_active()
+    )
+
+
+def call_op(op: Callable[..., Any], function: type[torch.autograd.Function], *args: Any) -> Any:
+    """Run a kernel registered as the custom op ``op`` (with ``register_autograd``); ``args[0]`` is a tensor.
+
+    While torch.compile (or any tracer) is at work, through ``op``: the graph holds one opaque op with its
+    fake. In eager mode, through ``function``, an autograd.Function with the same forward, setup_context and
+    backward, or the launcher alone when nothing needs a gradient: the custom op's dispatch (schema
+    parsing, autograd wrapper, redispatch) costs several times what the launch itself costs on the host.
+    """
+    if not _eager(args[0]):
+        return op(*args)
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return function.apply(*args)
+    return function.outputs(*args)
+
+
+def autograd_function(
+    name: str, forward: Callable[..., Any], setup_context: Callable[..., Any], backward: Callable[..., Any]
+) -> type[torch.autograd.Function]:
+    """The autograd.Function for :func:`call_op` made of a custom op's forward, setup_context and backward.
+
+    It uses the ``forward(ctx, *args)`` form: with a separate ``setup_context``, ``Function.apply`` binds the
+    arguments through ``inspect.signature`` on every call (tens of microseconds).
+    """
+
+    def forward_with_ctx(ctx, *args):
+        output = forward(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    return type(
+        name,
+        (torch.autograd.Function,),
+        {
+            "forward": staticmethod(forward_with_ctx),
+            "backward": staticmethod(backward),
+            "outputs": staticmethod(forward),
+        },
+    )
+
+
+def eager(op: Callable[..., Any], direct: Callable[..., Any], t: torch.Tensor) -> Callable[..., Any]:
+    """``direct`` (the launcher) in eager mode, else the custom op ``op`` (see :func:`call_op`): for backward
+    kernels, whose autograd is handled by the caller. ``t``: one of the tensors they will be called with."""
+    return direct if _eager(t) else op
 
 
 def record(kernel: str) -> None:

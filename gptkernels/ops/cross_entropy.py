@@ -2,9 +2,10 @@
 
 Liger-Kernel's fused linear cross-entropy: the rows of ``hidden`` are processed in chunks. For each chunk,
 cuBLAS computes the chunk's logits into one buffer reused by every chunk; one Triton kernel turns each row
-into its loss and overwrites it, in place, with d(loss)/d(logits); two more matmuls turn those into the
-chunk's rows of grad_hidden and its share of grad_weight. The (N, V) logits never exist whole, and the
-gradients are finished when the forward returns: the backward only scales them by the incoming gradient.
+into its loss and overwrites it, in place, with d(loss)/d(logits) up to a constant factor; two more matmuls
+turn those into the chunk's rows of grad_hidden and its share of grad_weight. The (N, V) logits never exist
+whole, and the gradients are computed when the forward returns: the backward only multiplies them by the
+incoming gradient and that factor (1 / n_valid, see _GRAD_SCALE for fp16), then casts.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
-from ._backend import use_triton
+from ._backend import autograd_function, call_op, use_triton
 from ._triton import tl, triton
-from .utils import check_tensor, device_guard, row_launch
+from .utils import FLOAT_DTYPES, check_tensor, device_guard, row_launch, unsupported_dtype
 
 # ---------------------------------------------------------------------------------------------------------
 # Reference (the CPU path and the test oracle)
@@ -35,89 +36,130 @@ def linear_cross_entropy_reference(
 
 
 @triton.jit
+def _lse_step(m, d, target_logit, x, cols, target):
+    """One block of the online max / sum of exponentials (fp32) and of the target's logit."""
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+    return m_new, d, target_logit + tl.sum(tl.where(cols == target, x, 0.0), axis=0)
+
+
+@triton.jit
+def _grad_block(x, cols, target, lse, scale):
+    return (tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)) * scale
+
+
+@triton.jit
 def _cross_entropy_rows_kernel(
-    logits_ptr,  # (M, V) the chunk's logits, overwritten with d(loss)/d(logits) when COMPUTE_GRAD
-    stride_row,  # elements between consecutive rows of logits
+    logits_ptr,  # (M, V) the chunk's logits, overwritten with d(loss)/d(logits) * scale when COMPUTE_GRAD
+    stride_row,  # elements between consecutive rows of logits (a multiple of 16 from the launcher: aligned rows)
     targets_ptr,  # (M,) int64 class ids
     loss_ptr,  # (M,) fp32 out: each row's loss, 0 for ignored rows
-    n_valid_ptr,  # () int64: targets that count, over all N rows (the mean's denominator)
     n_cols,  # V, the vocabulary size
     ignore_index,  # targets equal to this do not count
     COMPUTE_GRAD: tl.constexpr,  # False: loss only (no grad needed), the logits are left as they are
+    GRAD_SCALE: tl.constexpr,  # the stored gradient is (softmax - onehot) * GRAD_SCALE (see _GRAD_SCALE)
     BLOCK: tl.constexpr,  # columns per step of the loops over V
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     target = tl.load(targets_ptr + row)
     valid = target != ignore_index
+    # Whole blocks load and store unmasked, so that they vectorise (rows start 16-element aligned); only the
+    # last, partial block is masked.
+    n_full = (n_cols // BLOCK) * BLOCK
+    tail = n_full + tl.arange(0, BLOCK)
+    tail_ok = tail < n_cols
 
     # Pass 1: online max and sum of exponentials (fp32), and the target's logit, in one read of the row.
     # An out-of-range target matches no column (no out-of-bounds access); the launcher asserts on those.
     m = float("-inf")
     d = 0.0
     target_logit = 0.0
-    for start in range(0, n_cols, BLOCK):
+    for start in range(0, n_full, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        x = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-        m = m_new
-        target_logit += tl.sum(tl.where(cols == target, x, 0.0), axis=0)
+        x = tl.load(row_ptr + cols).to(tl.float32)
+        m, d, target_logit = _lse_step(m, d, target_logit, x, cols, target)
+    if n_full < n_cols:
+        x = tl.load(row_ptr + tail, mask=tail_ok, other=float("-inf")).to(tl.float32)
+        m, d, target_logit = _lse_step(m, d, target_logit, x, tail, target)
     lse = m + tl.log(d)
     tl.store(loss_ptr + row, tl.where(valid, lse - target_logit, 0.0))
 
-    # Pass 2: (softmax - onehot) / n_valid over the logits; zero for an ignored row. A counted row implies
-    # n_valid >= 1; the maximum only keeps an all-ignored batch (n_valid == 0) from dividing by zero.
+    # Pass 2: (softmax - onehot) * GRAD_SCALE over the logits, zero for an ignored row. Not yet divided by
+    # the number of counted targets nor multiplied by the incoming gradient: the backward applies both.
     if COMPUTE_GRAD:
-        n_valid = tl.maximum(tl.load(n_valid_ptr).to(tl.float32), 1.0)
-        scale = tl.where(valid, 1.0 / n_valid, 0.0)
-        for start in range(0, n_cols, BLOCK):
+        scale = tl.where(valid, GRAD_SCALE, 0.0)
+        out_ty = logits_ptr.dtype.element_ty
+        for start in range(0, n_full, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            mask = cols < n_cols
-            x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            grad = (tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)) * scale
-            tl.store(row_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=mask)
+            x = tl.load(row_ptr + cols).to(tl.float32)
+            tl.store(row_ptr + cols, _grad_block(x, cols, target, lse, scale).to(out_ty))
+        if n_full < n_cols:
+            x = tl.load(row_ptr + tail, mask=tail_ok, other=0.0).to(tl.float32)
+            tl.store(row_ptr + tail, _grad_block(x, tail, target, lse, scale).to(out_ty), mask=tail_ok)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------------------
 
-# Rows per chunk. Liger sizes a chunk so that its logits are about as large as ``hidden`` (N*C/V rows, 126
-# for GPT-2 at N=8192). But every chunk reads and writes the whole (V, C) fp32 grad_weight accumulator once
-# (~300 MB for GPT-2), and a 128-row chunk gives the three matmuls too little work per byte, so the floor
-# keeps chunks at >= 1024 rows: then the accumulation is compute-bound on an H100 and the row kernel has
-# enough programs to fill the GPU. A 1024-row chunk of GPT-2 logits is 103 MB (bf16) / 206 MB (fp32), far
-# below the eager path's several GB.
-_MIN_CHUNK_ROWS = 1024
+# Rows per chunk. Every chunk reads and writes the whole (V, C) fp32 grad_weight accumulator once (8VC bytes)
+# for 2MVC FLOPs, so its arithmetic intensity is about 2MC / (8C + 2M) FLOP/byte: 191 at M = 1024 and C = 768,
+# below an H100's ridge (~295 for bf16 tensor cores; Liger's ~N*C/V-row chunks are far below it), 439 at
+# M = 4096. Chunks of 4096 rows keep the accumulation compute-bound and give the row kernel thousands of
+# programs; _MAX_CHUNK_BYTES caps the logits buffer (4096 GPT-2 rows: 412 MB bf16; fp32 gets 2048 rows) for
+# wide vocabularies, still far below the eager path's several GB.
+_TARGET_CHUNK_ROWS = 4096
+_MAX_CHUNK_BYTES = 512 * 2**20
 # Columns per step of the kernel's loops over V.
 _MAX_BLOCK = 4096
+# Rows of the logits buffer are padded to a multiple of this many elements (V = 50257 is odd): every row then
+# starts 16-byte aligned, so the row kernel's loads and stores vectorise, and cuBLAS gets an aligned leading
+# dimension.
+_ROW_ALIGN = 16
+# fp16 stores d(loss)/d(logits) = (softmax - onehot) * 2**15, in [-2**15, 2**15] (fp16's maximum is 65504),
+# so probabilities down to ~2e-9 stay normal fp16 numbers. Dividing by the number of counted targets first
+# (as before) flushed every entry below ~6e-8 to zero, losing most of the LM-head gradient under GradScaler;
+# eager PyTorch keeps them because it multiplies by the (large) loss scale before casting. The matmuls on it
+# write fp32, and the backward applies 1 / (2**15 * n_valid) and the incoming gradient before the cast to
+# fp16. fp32 and bf16 have fp32's exponent range: they store (softmax - onehot) as it is.
+_GRAD_SCALE = {torch.float16: 2.0**15}
 # Tests set this to force many chunks on small inputs; 0: choose from the shapes.
 _CHUNK_ROWS_OVERRIDE = 0
 
 
-def _chunk_rows(n: int, c: int, v: int, override: int) -> int:
+def _padded_cols(v: int) -> int:
+    return -(-v // _ROW_ALIGN) * _ROW_ALIGN
+
+
+def _chunk_rows(n: int, v: int, elem_size: int, override: int) -> int:
+    """Rows per chunk: ``override`` if > 0, else _TARGET_CHUNK_ROWS capped by _MAX_CHUNK_BYTES; in [1, n]."""
     if override > 0:
         rows = override
     else:
-        rows = max(triton.next_power_of_2(triton.cdiv(n, triton.cdiv(v, c))), _MIN_CHUNK_ROWS)
+        budget_rows = _MAX_CHUNK_BYTES // (_padded_cols(v) * elem_size)
+        rows = min(_TARGET_CHUNK_ROWS, 1 << max(0, budget_rows.bit_length() - 1))  # a power of two
     return max(1, min(rows, n))
+
+
+def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the forward keeps a gradient in: fp32 for fp16 (see _GRAD_SCALE), else the input's."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def _cross_entropy_rows(
     logits: torch.Tensor,
     targets: torch.Tensor,
     loss_rows: torch.Tensor,
-    n_valid: torch.Tensor,
     ignore_index: int,
     compute_grad: bool,
 ) -> None:
     """Launch the row kernel on one chunk.
 
     Args:
-        logits: (M, V) fp32/fp16/bf16, unit stride along V; overwritten with d(loss)/d(logits) when
-            ``compute_grad`` (in its own dtype; the arithmetic is fp32).
-        targets: (M,) int64, contiguous. loss_rows: (M,) fp32, written. n_valid: () int64 on the same device.
+        logits: (M, V) fp32/fp16/bf16, unit stride along V; overwritten with (softmax - onehot) * _GRAD_SCALE
+            when ``compute_grad`` (in its own dtype; the arithmetic is fp32).
+        targets: (M,) int64, contiguous. loss_rows: (M,) fp32, written.
     """
     m, v = logits.shape
     if m == 0:
@@ -130,35 +172,32 @@ def _cross_entropy_rows(
             logits.stride(0),
             targets,
             loss_rows,
-            n_valid,
             v,
             ignore_index,
             COMPUTE_GRAD=compute_grad,
+            GRAD_SCALE=_GRAD_SCALE.get(logits.dtype, 1.0),
             BLOCK=block,
             num_warps=num_warps,
         )
     _backend.record("cross_entropy_fwd_bwd")
 
 
-def _accumulate_grad_weight(acc: torch.Tensor, dlogits_t: torch.Tensor, h: torch.Tensor, first: bool) -> None:
-    """``acc (V, C) fp32 (+)= dlogits_t (V, M) @ h (M, C)`` in place, with no (V, C) temporary."""
-    if dlogits_t.dtype == torch.float32:
-        if first:
-            torch.mm(dlogits_t, h, out=acc)
+def _matmul_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
+    """``out (fp32) (+)= a @ b`` in place for a, b of any one float dtype, with no (rows, cols) temporary."""
+    if a.dtype == torch.float32:
+        if accumulate:
+            out.addmm_(a, b)
         else:
-            acc.addmm_(dlogits_t, h)
-    elif acc.is_cuda:
+            torch.mm(a, b, out=out)
+    elif out.is_cuda:
         # cuBLAS takes fp16/bf16 operands and reads/writes an fp32 C (out_dtype: PyTorch >= 2.8, CUDA only).
-        if first:
-            torch.mm(dlogits_t, h, out_dtype=torch.float32, out=acc)
+        if accumulate:
+            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
         else:
-            torch.addmm(acc, dlogits_t, h, out_dtype=torch.float32, out=acc)
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
     else:
-        # CPU has no mixed-dtype GEMM: upcast the chunk's operands ((V + C) x M, small), as cuBLAS would.
-        if first:
-            torch.mm(dlogits_t.float(), h.float(), out=acc)
-        else:
-            acc.addmm_(dlogits_t.float(), h.float())
+        # CPU has no mixed-dtype GEMM: upcast the operands, as cuBLAS would.
+        _matmul_fp32(a.float(), b.float(), out, accumulate)
 
 
 def _linear_cross_entropy_fwd(
@@ -169,16 +208,19 @@ def _linear_cross_entropy_fwd(
     chunk_rows: int,
     need_grad_hidden: bool,
     need_grad_weight: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Loss and, as asked, the gradients of the mean loss (for an incoming gradient of 1).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss and, as asked, the gradients of the mean loss up to one scalar factor.
 
     Args:
         hidden: (N, C) fp32/fp16/bf16. weight: (V, C), hidden's dtype and device. targets: (N,) int64.
         chunk_rows: rows per chunk, or 0 to choose from the shapes.
     Returns:
         loss: () fp32, nan when every target is ignored (like ``F.cross_entropy``);
-        grad_hidden: (N, C) in hidden's dtype, or (0,) when not ``need_grad_hidden``;
-        grad_weight: (V, C) in weight's dtype (accumulated in fp32), or (0,) when not ``need_grad_weight``.
+        grad_hidden: (N, C) in ``_grad_dtype(hidden.dtype)``, or (0,) when not ``need_grad_hidden``;
+        grad_weight: (V, C) accumulated in fp32, kept in fp32 for fp16 and fp32 weights, else in weight's dtype;
+            or (0,) when not ``need_grad_weight``;
+        grad_scale: () fp32: the gradients of the mean loss are ``grad_scale * grad_hidden`` and
+            ``grad_scale * grad_weight`` (1 / (n_valid * _GRAD_SCALE)).
     """
     n, c = hidden.shape
     v = weight.shape[0]
@@ -193,33 +235,40 @@ def _linear_cross_entropy_fwd(
     )
     n_valid = counted.sum()
     loss_rows = torch.empty(n, dtype=torch.float32, device=dev)
-    grad_hidden = torch.empty((n, c), dtype=hidden.dtype, device=dev) if need_grad_hidden else hidden.new_empty(0)
+    grad_dtype = _grad_dtype(hidden.dtype)
+    grad_hidden = torch.empty((n, c), dtype=grad_dtype, device=dev) if need_grad_hidden else hidden.new_empty(0)
     acc = None
     if need_grad_weight:
         alloc = torch.empty if n > 0 else torch.zeros  # the first chunk overwrites it
         acc = alloc((v, c), dtype=torch.float32, device=dev)
     compute_grad = need_grad_hidden or need_grad_weight
 
-    rows = _chunk_rows(n, c, v, chunk_rows)
-    logits_buf = torch.empty((rows, v), dtype=hidden.dtype, device=dev)  # reused by every chunk
+    rows = _chunk_rows(n, v, hidden.element_size(), chunk_rows)
+    # Reused by every chunk; rows padded to _ROW_ALIGN elements, the padding never read.
+    logits_buf = torch.empty((rows, _padded_cols(v)), dtype=hidden.dtype, device=dev)[:, :v]
     weight_t = weight.t()
     for start in range(0, n, rows):
         end = min(start + rows, n)
         h = hidden[start:end]
         logits = logits_buf[: end - start]
         torch.mm(h, weight_t, out=logits)  # (M, V)
-        _cross_entropy_rows(logits, targets[start:end], loss_rows[start:end], n_valid, ignore_index, compute_grad)
+        _cross_entropy_rows(logits, targets[start:end], loss_rows[start:end], ignore_index, compute_grad)
         if need_grad_hidden:
-            torch.mm(logits, weight, out=grad_hidden[start:end])  # (M, C)
+            if grad_dtype == hidden.dtype:
+                torch.mm(logits, weight, out=grad_hidden[start:end])  # (M, C)
+            else:
+                _matmul_fp32(logits, weight, grad_hidden[start:end], accumulate=False)
         if acc is not None:
-            _accumulate_grad_weight(acc, logits.t(), h, first=start == 0)
+            _matmul_fp32(logits.t(), h, acc, accumulate=start > 0)  # (V, C)
 
     loss = loss_rows.sum() / n_valid  # 0 / 0 = nan when every target is ignored, as in PyTorch
+    # Every counted row contributes its share; the clamp keeps an all-ignored batch's (zero) gradients finite.
+    grad_scale = 1.0 / (n_valid.clamp(min=1).to(torch.float32) * _GRAD_SCALE.get(hidden.dtype, 1.0))
     if acc is None:
         grad_weight = weight.new_empty(0)
     else:
-        grad_weight = acc if weight.dtype == torch.float32 else acc.to(weight.dtype)
-    return loss, grad_hidden, grad_weight
+        grad_weight = acc if _grad_dtype(weight.dtype) == torch.float32 else acc.to(weight.dtype)
+    return loss, grad_hidden, grad_weight, grad_scale
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -227,8 +276,7 @@ def _linear_cross_entropy_fwd(
 # ---------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("gptkernels::linear_cross_entropy_fwd", mutates_args=())
-def _linear_cross_entropy_fwd_op(
+def _linear_cross_entropy_fwd_outputs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
@@ -236,7 +284,7 @@ def _linear_cross_entropy_fwd_op(
     chunk_rows: int,
     need_grad_hidden: bool,
     need_grad_weight: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # The matmuls run in the inputs' dtype: autocast (already applied by the public API) must not recast them.
     with torch.autocast(hidden.device.type, enabled=False):
         return _linear_cross_entropy_fwd(
@@ -244,32 +292,48 @@ def _linear_cross_entropy_fwd_op(
         )
 
 
+_linear_cross_entropy_fwd_op = torch.library.custom_op("gptkernels::linear_cross_entropy_fwd", mutates_args=())(
+    _linear_cross_entropy_fwd_outputs
+)
+
+
 @_linear_cross_entropy_fwd_op.register_fake
 def _(hidden, weight, targets, ignore_index, chunk_rows, need_grad_hidden, need_grad_weight):
     loss = hidden.new_empty((), dtype=torch.float32)
-    grad_hidden = hidden.new_empty(hidden.shape if need_grad_hidden else (0,))
-    grad_weight = weight.new_empty(weight.shape if need_grad_weight else (0,))
-    return loss, grad_hidden, grad_weight
+    grad_hidden = hidden.new_empty(hidden.shape if need_grad_hidden else (0,), dtype=_grad_dtype(hidden.dtype))
+    gw_dtype = torch.float32 if _grad_dtype(weight.dtype) == torch.float32 else weight.dtype
+    grad_weight = weight.new_empty(weight.shape if need_grad_weight else (0,), dtype=gw_dtype)
+    return loss, grad_hidden, grad_weight, hidden.new_empty((), dtype=torch.float32)
 
 
 def _linear_cross_entropy_setup_context(ctx, inputs, output):
-    _, grad_hidden, grad_weight = output
-    ctx.mark_non_differentiable(grad_hidden, grad_weight)
-    ctx.save_for_backward(grad_hidden, grad_weight)
+    _, grad_hidden, grad_weight, grad_scale = output
+    ctx.mark_non_differentiable(grad_hidden, grad_weight, grad_scale)
+    ctx.save_for_backward(grad_hidden, grad_weight, grad_scale)
     ctx.need_grads = inputs[5], inputs[6]
+    ctx.dtypes = inputs[0].dtype, inputs[1].dtype
 
 
-def _linear_cross_entropy_backward(ctx, grad_loss, _grad_gh, _grad_gw):
-    grad_hidden, grad_weight = ctx.saved_tensors
+def _linear_cross_entropy_backward(ctx, grad_loss, _grad_gh, _grad_gw, _grad_scale):
+    grad_hidden, grad_weight, grad_scale = ctx.saved_tensors
     need_hidden, need_weight = ctx.need_grads
-    # grad_loss is a 0-dim fp32 tensor: the products keep the gradients' dtypes.
-    dh = grad_hidden * grad_loss if need_hidden else None
-    dw = grad_weight * grad_loss if need_weight else None
+    # Both factors are 0-dim fp32: the products keep the saved gradients' dtypes, then cast to the inputs'
+    # (for fp16, only now: the fp32 products are what eager PyTorch would cast).
+    scale = grad_loss * grad_scale
+    dh = (grad_hidden * scale).to(ctx.dtypes[0]) if need_hidden else None
+    dw = (grad_weight * scale).to(ctx.dtypes[1]) if need_weight else None
     return dh, dw, None, None, None, None, None
 
 
 _linear_cross_entropy_fwd_op.register_autograd(
     _linear_cross_entropy_backward, setup_context=_linear_cross_entropy_setup_context
+)
+# The same forward/backward for eager mode without the custom op's dispatch cost (see _backend.call_op).
+_LinearCrossEntropyFunction = autograd_function(
+    "_LinearCrossEntropyFunction",
+    _linear_cross_entropy_fwd_outputs,
+    _linear_cross_entropy_setup_context,
+    _linear_cross_entropy_backward,
 )
 
 
@@ -278,13 +342,20 @@ _linear_cross_entropy_fwd_op.register_autograd(
 # ---------------------------------------------------------------------------------------------------------
 
 _OP = "linear_cross_entropy"
+_REFERENCE_DTYPES = (*FLOAT_DTYPES, torch.float64)
 
 
-def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> None:
-    check_tensor(_OP, "hidden", hidden, ndim=2)
+def _check_inputs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
+) -> None:
+    check_tensor(_OP, "hidden", hidden, ndim=2, dtypes=dtypes)
     # Under autocast the two may differ (fp32 weight, bf16 activations): both are cast before the kernel.
     autocast = torch.is_autocast_enabled(hidden.device.type)
-    check_tensor(_OP, "weight", weight, ndim=2, device=hidden.device, like=None if autocast else hidden)
+    check_tensor(_OP, "weight", weight, ndim=2, dtypes=dtypes, device=hidden.device, like=None if autocast else hidden)
     check_tensor(_OP, "targets", targets, dtypes=(torch.int64,), ndim=1, device=hidden.device)
     if weight.shape[1] != hidden.shape[1]:
         raise ValueError(
@@ -305,7 +376,9 @@ def _linear_cross_entropy_triton(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int
 ) -> torch.Tensor:
     grad_on = torch.is_grad_enabled()
-    loss, _, _ = _linear_cross_entropy_fwd_op(
+    loss, _, _, _ = call_op(
+        _linear_cross_entropy_fwd_op,
+        _LinearCrossEntropyFunction,
         hidden,
         weight,
         targets,
@@ -347,8 +420,12 @@ def linear_cross_entropy(
     Returns:
         scalar fp32 loss, the mean over counted targets.
     """
-    _check_inputs(hidden, weight, targets, ignore_index)
-    if use_triton(_OP, hidden.device, backend):
+    unsupported = unsupported_dtype(hidden) if isinstance(hidden, torch.Tensor) else None
+    # The reference takes float64 too (the kernel's refusal is use_triton's to handle).
+    _check_inputs(hidden, weight, targets, ignore_index, FLOAT_DTYPES if unsupported is None else _REFERENCE_DTYPES)
+    if use_triton(_OP, hidden.device, backend, unsupported):
+        if unsupported is not None:  # "triton" with a dtype the kernel does not take: the dtype error
+            _check_inputs(hidden, weight, targets, ignore_index)
         device_type = hidden.device.type
         if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)

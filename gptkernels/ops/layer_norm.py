@@ -15,9 +15,18 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
-from ._backend import use_triton
+from ._backend import autograd_function, call_op, eager, use_triton
 from ._triton import tl, triton
-from .utils import FLOAT_DTYPES, check_tensor, device_guard, next_power_of_2, row_launch, rows_2d
+from .utils import (
+    FLOAT_DTYPES,
+    cdiv,
+    check_tensor,
+    device_guard,
+    max_registers,
+    next_power_of_2,
+    rows_2d,
+    unsupported_dtype,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # Reference (the CPU path and the test oracle)
@@ -117,6 +126,7 @@ def _layer_norm_bwd_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    NUM_STAGES: tl.constexpr,  # 2: the next tile's loads are issued (cp.async) while this one is computed
 ):
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
@@ -125,7 +135,7 @@ def _layer_norm_bwd_kernel(
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for tile in range(pid, tl.cdiv(M, BLOCK_M), n_programs):
+    for tile in tl.range(pid, tl.cdiv(M, BLOCK_M), n_programs, num_stages=NUM_STAGES):
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
         mask = row_ok[:, None] & col_ok[None, :]
@@ -161,14 +171,16 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _tile_config(n_cols: int, n_rows: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): whole rows, several per tile up to 4096 fp32 values, 16 values per thread."""
-    block_n, _ = row_launch(n_cols, 4)  # statistics are fp32, so the register budget is counted in fp32
-    block_m = max(1, min(16, 4096 // block_n, next_power_of_2(n_rows)))
-    elements = block_m * block_n
-    # 16 warps start to spill in the backward beyond 8192 fp32 values (ptxas, sm_90): use 32 for the widest rows.
-    num_warps = 4 if elements <= 1024 else 8 if elements <= 4096 else 16 if elements <= 8192 else 32
-    return block_m, block_n, num_warps
+# The widest row the kernels hold in registers. At 16384 columns the backward needs 32 warps, whose 64
+# registers per thread cannot hold x, dy, w and the two column accumulators: it spilled 200-336 bytes per
+# thread (ptxas, sm_90), and the forward spilled too. Wider rows run the PyTorch reference under "auto".
+_MAX_COLS = 8192
+
+
+def _tile_config(n_cols: int, n_rows: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N): whole rows, several per tile up to 4096 fp32 values."""
+    block_n = next_power_of_2(n_cols)
+    return max(1, min(16, 4096 // block_n, next_power_of_2(n_rows))), block_n
 
 
 def _num_programs(device: torch.device, n_tiles: int, per_sm: int) -> int:
@@ -179,36 +191,54 @@ def _num_programs(device: torch.device, n_tiles: int, per_sm: int) -> int:
     return max(1, min(n_tiles, 3))
 
 
+@functools.lru_cache(maxsize=4096)
+def _launch(N: int, M: int, device: torch.device, backward: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, programs, num_stages) of a launch, worked out once per shape and device."""
+    block_m, block_n = _tile_config(N, M)
+    n_tiles = cdiv(M, block_m)
+    elements = block_m * block_n
+    # Warps: at most 16 fp32 values per thread of each tensor in the backward (x, dy, xhat, the column sums),
+    # 32 in the forward; no spills on sm_80/sm_90 at any width up to _MAX_COLS (ptxas). The forward at 4096
+    # values with 8 warps spilled 4 bytes (fp16, 256 columns, sm_90): ptxas capped it at 48 registers.
+    if not backward:
+        num_warps = 4 if elements <= 4096 else 8
+        return block_m, block_n, num_warps, _num_programs(device, n_tiles, max(1, 32 // num_warps)), 1
+    num_warps = 4 if elements <= 1024 else 8 if elements <= 4096 else 16
+    # Few programs: each writes a row of the (P, N) partials, so P rows cost 2 * P * N * 4 bytes of traffic.
+    n_programs = _num_programs(device, n_tiles, max(1, 16 // num_warps))
+    # Two stages buffer the next tile's x, dy (and ds) in shared memory: at most 3 * 2 * 4096 * 4 = 96 KB,
+    # within sm_80's 163 KB; the 8192-column tile would need 192 KB, so it is not pipelined. Nor is a single
+    # tile per program: nothing to overlap (and at M = 1 the pipelined sm_80 build spilled 8 bytes).
+    num_stages = 2 if block_m * block_n <= 4096 and n_tiles > n_programs else 1
+    return block_m, block_n, num_warps, n_programs, num_stages
+
+
 def _layer_norm_fwd(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Launch the forward kernel.
 
     Args:
-        x: (M, N) rows, fp32/fp16/bf16. residual: (M, N) or None.
+        x: (M, N) rows, fp32/fp16/bf16, unit stride along N. residual: (M, N) like x, or None.
         weight: (N,). bias: (N,) or None. eps: added to the variance.
     Returns:
-        y (M, N) in the dtype of s (or x), s (M, N) = x + residual in their promoted dtype (an empty (0, N)
-        tensor without residual), mean (M,) fp32, rstd (M,) fp32.
+        y (M, N) in the dtype of s (or x), s (M, N) = x + residual in their promoted dtype (None without
+        residual), mean (M,) fp32, rstd (M,) fp32.
     """
-    x = rows_2d("layer_norm", "x", x)
     M, N = x.shape
     if residual is not None:
-        residual = rows_2d("add_layer_norm", "residual", residual)
         s = torch.empty((M, N), dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
         y = torch.empty_like(s)
     else:
-        s = x.new_empty((0, N))
+        s = None
         y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     mean = torch.empty(M, dtype=torch.float32, device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     if M == 0:
         return y, s, mean, rstd
-    block_m, block_n, num_warps = _tile_config(N, M)
-    n_tiles = triton.cdiv(M, block_m)
-    grid = (_num_programs(x.device, n_tiles, max(1, 32 // num_warps)),)
+    block_m, block_n, num_warps, n_programs, _ = _launch(N, M, x.device, False)
     with device_guard(x):
-        _layer_norm_fwd_kernel[grid](
+        _layer_norm_fwd_kernel[(n_programs,)](
             x,
             residual if residual is not None else x,
             s if residual is not None else y,
@@ -227,6 +257,7 @@ def _layer_norm_fwd(
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             num_warps=num_warps,
+            maxnreg=max_registers(num_warps),
         )
     _backend.record("add_layer_norm_fwd" if residual is not None else "layer_norm_fwd")
     return y, s, mean, rstd
@@ -260,10 +291,7 @@ def _layer_norm_bwd(
         return dx, dw, dw.clone() if has_bias else dw.new_empty(0)
     if ds is not None:
         ds = rows_2d("add_layer_norm_backward", "grad_s", ds)
-    block_m, block_n, num_warps = _tile_config(N, M)
-    n_tiles = triton.cdiv(M, block_m)
-    # Few programs: each writes a row of the (P, N) partials, so P rows cost 2 * P * N * 4 bytes of traffic.
-    n_programs = _num_programs(x.device, n_tiles, max(1, 16 // num_warps))
+    block_m, block_n, num_warps, n_programs, num_stages = _launch(N, M, x.device, True)
     dw_partial = torch.empty((n_programs, N), dtype=torch.float32, device=x.device)
     db_partial = torch.empty((n_programs, N), dtype=torch.float32, device=x.device) if has_bias else dw_partial
     with device_guard(x):
@@ -286,7 +314,9 @@ def _layer_norm_bwd(
             HAS_BIAS=has_bias,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
+            NUM_STAGES=num_stages,
             num_warps=num_warps,
+            maxnreg=max_registers(num_warps),
         )
     _backend.record("add_layer_norm_bwd" if ds is not None else "layer_norm_bwd")
     dw = dw_partial.sum(0).to(weight.dtype)
@@ -299,12 +329,21 @@ def _layer_norm_bwd(
 # ---------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("gptkernels::layer_norm_fwd", mutates_args=())
-def _layer_norm_fwd_op(
+def _layer_norm_fwd_outputs(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     y, _, mean, rstd = _layer_norm_fwd(x, None, weight, bias, eps)
     return y, mean, rstd
+
+
+def _add_layer_norm_fwd_outputs(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, s, mean, rstd = _layer_norm_fwd(x, residual, weight, bias, eps)
+    return s, y, mean, rstd
+
+
+_layer_norm_fwd_op = torch.library.custom_op("gptkernels::layer_norm_fwd", mutates_args=())(_layer_norm_fwd_outputs)
 
 
 @_layer_norm_fwd_op.register_fake
@@ -313,12 +352,9 @@ def _(x, weight, bias, eps):
     return x.new_empty(x.shape), x.new_empty((M,), dtype=torch.float32), x.new_empty((M,), dtype=torch.float32)
 
 
-@torch.library.custom_op("gptkernels::add_layer_norm_fwd", mutates_args=())
-def _add_layer_norm_fwd_op(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, s, mean, rstd = _layer_norm_fwd(x, residual, weight, bias, eps)
-    return s, y, mean, rstd
+_add_layer_norm_fwd_op = torch.library.custom_op("gptkernels::add_layer_norm_fwd", mutates_args=())(
+    _add_layer_norm_fwd_outputs
+)
 
 
 @_add_layer_norm_fwd_op.register_fake
@@ -358,7 +394,7 @@ def _layer_norm_setup_context(ctx, inputs, output):
 
 def _layer_norm_backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = _layer_norm_bwd_op(dy, x, weight, mean, rstd, None, ctx.has_bias)
+    dx, dw, db = eager(_layer_norm_bwd_op, _layer_norm_bwd, x)(dy, x, weight, mean, rstd, None, ctx.has_bias)
     return dx, dw, (db if ctx.has_bias else None), None
 
 
@@ -378,7 +414,7 @@ def _add_layer_norm_backward(ctx, ds, dy, _dmean, _drstd):
     s, weight, mean, rstd = ctx.saved_tensors
     if dy is None:  # only s was used downstream
         dy = torch.zeros_like(s)
-    dsum, dw, db = _layer_norm_bwd_op(dy, s, weight, mean, rstd, ds, ctx.has_bias)
+    dsum, dw, db = eager(_layer_norm_bwd_op, _layer_norm_bwd, s)(dy, s, weight, mean, rstd, ds, ctx.has_bias)
     # s = x + residual: both get the full gradient of s (cast back where the input dtypes differ).
     dx, dres = (dsum if dt == dsum.dtype else dsum.to(dt) for dt in ctx.dtypes)
     return dx, dres, dw, (db if ctx.has_bias else None), None
@@ -386,10 +422,27 @@ def _add_layer_norm_backward(ctx, ds, dy, _dmean, _drstd):
 
 _add_layer_norm_fwd_op.register_autograd(_add_layer_norm_backward, setup_context=_add_layer_norm_setup_context)
 
+# The same forward/backward for eager mode without the custom op's dispatch cost (see _backend.call_op).
+_LayerNormFunction = autograd_function(
+    "_LayerNormFunction", _layer_norm_fwd_outputs, _layer_norm_setup_context, _layer_norm_backward
+)
+_AddLayerNormFunction = autograd_function(
+    "_AddLayerNormFunction", _add_layer_norm_fwd_outputs, _add_layer_norm_setup_context, _add_layer_norm_backward
+)
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Boundary checks and the Triton paths of the public API
 # ---------------------------------------------------------------------------------------------------------
+
+
+def _unsupported(x: torch.Tensor) -> str | None:
+    """Why the kernels cannot take ``x`` although the reference can (None when they can)."""
+    if (reason := unsupported_dtype(x)) is not None:
+        return reason
+    if x.dim() > 0 and x.shape[-1] > _MAX_COLS:
+        return f"rows of {x.shape[-1]} elements are wider than the kernel's limit of {_MAX_COLS}"
+    return None
 
 
 def _check_params(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> None:
@@ -397,6 +450,11 @@ def _check_params(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     N = x.shape[-1]
     if N == 0:
         raise ValueError(f"{op}: x must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    if N > _MAX_COLS:
+        raise ValueError(
+            f"{op}: rows of {N} elements are wider than the kernel's limit of {_MAX_COLS} "
+            "(backend 'auto' runs the PyTorch reference for them)"
+        )
     # weight/bias may be of another float dtype than x (fp32 parameters with bf16 activations under autocast).
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None and name == "bias":
@@ -410,7 +468,14 @@ def _check_params(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 def _layer_norm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
     _check_params("layer_norm", x, weight, bias, eps)
-    y, _, _ = _layer_norm_fwd_op(rows_2d("layer_norm", "x", x), weight.contiguous(), _contig(bias), float(eps))
+    y, _, _ = call_op(
+        _layer_norm_fwd_op,
+        _LayerNormFunction,
+        rows_2d("layer_norm", "x", x),
+        weight.contiguous(),
+        _contig(bias),
+        float(eps),
+    )
     return y.view(x.shape)
 
 
@@ -423,7 +488,9 @@ def _add_layer_norm_triton(
         raise ValueError(
             f"add_layer_norm: residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}"
         )
-    s, y, _, _ = _add_layer_norm_fwd_op(
+    s, y, _, _ = call_op(
+        _add_layer_norm_fwd_op,
+        _AddLayerNormFunction,
         rows_2d("add_layer_norm", "x", x),
         rows_2d("add_layer_norm", "residual", residual),
         weight.contiguous(),
@@ -455,7 +522,7 @@ def layer_norm(
     Returns:
         (..., N), the dtype of ``x``.
     """
-    if use_triton("layer_norm", x.device, backend):
+    if use_triton("layer_norm", x.device, backend, _unsupported(x)):
         return _layer_norm_triton(x, weight, bias, eps)
     return layer_norm_reference(x, weight, bias, eps)
 
@@ -474,6 +541,6 @@ def add_layer_norm(
     ``residual`` has the shape of ``x``; ``s`` and ``normed`` have the promoted dtype of ``x`` and ``residual``
     (as ``x + residual`` would). The gradient reaching ``s`` from both outputs flows to ``x`` and ``residual``.
     """
-    if use_triton("add_layer_norm", x.device, backend):
+    if use_triton("add_layer_norm", x.device, backend, _unsupported(x)):
         return _add_layer_norm_triton(x, residual, weight, bias, eps)
     return add_layer_norm_reference(x, residual, weight, bias, eps)
