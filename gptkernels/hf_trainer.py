@@ -16,6 +16,7 @@ same ``metrics.jsonl`` and ``loss.png`` as the native trainer.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -32,7 +33,7 @@ from .model import GPT, shift_labels
 from .training.config import TrainConfig, TrainResult
 from .training.metrics import MetricsFile, fmt_duration, plural, result_from_files, say
 from .training.outdir import OutDirLock, check_out_dir, clear_out_dir, trainer_checkpoints
-from .training.runtime import load_data, resolve_dtype, world_size
+from .training.runtime import choose_threads, load_data, local_world_size, resolve_dtype, world_size
 from .training.schedule import FINAL_LR_FRACTION, default_eval_steps, effective_warmup, plan_steps
 
 
@@ -115,6 +116,23 @@ def load_hf_model(folder: str | Path) -> GPT:
     """The :class:`GPT` inside a folder written by ``--trainer hf`` (or a ``checkpoint-<step>`` folder)."""
     _, model_cls = hf_classes()
     return model_cls.from_pretrained(str(folder)).gpt
+
+
+@contextlib.contextmanager
+def _quiet_saves() -> Any:
+    """No "Writing model shards" bars from transformers in a redirected log (they are \\r-animated)."""
+    import sys
+
+    from transformers.utils import logging as hf_logging
+
+    was_off = hf_logging.is_progress_bar_enabled() is False
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not was_off:
+            hf_logging.enable_progress_bar()
 
 
 def _training_args(c: TrainConfig, out: Path, dtype: str, device: torch.device, warmup: int):
@@ -202,6 +220,10 @@ def train_hf(c: TrainConfig) -> TrainResult:
         os.environ.setdefault("WANDB_PROJECT", c.wandb_project)
     device = resolve_device(c.device)
     dtype = resolve_dtype(c.dtype, device)
+    threads_before = torch.get_num_threads()
+    if device.type == "cpu":
+        threads, why = choose_threads(c.threads, local_world_size())
+        torch.set_num_threads(threads)
     args = _training_args(c, out, dtype, device, warmup)
     main = args.process_index == 0
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
@@ -244,23 +266,36 @@ def train_hf(c: TrainConfig) -> TrainResult:
             """Trainer's logs → the same metrics.jsonl rows and console lines as the native loop."""
 
             def on_train_begin(self, args, state, control, **kwargs):
-                self.t0, self.last_step = time.perf_counter(), state.global_step
+                self.t0, self.last_step, self.paused, self.due = time.perf_counter(), state.global_step, 0.0, False
                 if state.is_world_process_zero and has_val and state.global_step == 0:
                     validate(0)
 
+            def validate(self, step: int) -> None:
+                t = time.perf_counter()
+                validate(step)
+                self.paused += time.perf_counter() - t  # evaluation does not count against tokens/s
+                self.due = False
+
             def on_step_end(self, args, state, control, **kwargs):
                 step = state.global_step
-                if state.is_world_process_zero and has_val and (step % eval_steps == 0 or step >= state.max_steps):
-                    validate(step)
-                    self.t0 = time.perf_counter()  # evaluation does not count against tokens/s
+                self.due = state.is_world_process_zero and has_val
+                self.due = self.due and (step % eval_steps == 0 or step >= state.max_steps)
+                if self.due and not control.should_log:  # else after this step's log line, as the native loop does
+                    self.validate(step)
 
             def on_log(self, args, state, control, logs=None, **kwargs):
-                if not state.is_world_process_zero or not logs or "loss" not in logs:
+                if not state.is_world_process_zero:
                     return
+                if logs and "loss" in logs:
+                    self.log_train(state, logs)
+                if self.due:
+                    self.validate(state.global_step)
+
+            def log_train(self, state, logs) -> None:
                 step = state.global_step
                 now = time.perf_counter()
-                rate = (step - self.last_step) * tokens_per_step / max(now - self.t0, 1e-9)
-                self.t0, self.last_step = now, step
+                rate = (step - self.last_step) * tokens_per_step / max(now - self.t0 - self.paused, 1e-9)
+                self.t0, self.last_step, self.paused = now, step, 0.0
                 loss = float(logs["loss"])
                 row = {"step": step, "epoch": logs.get("epoch"), "tokens": step * tokens_per_step}
                 row.update(train_loss=loss, ppl=perplexity(loss), lr=logs.get("learning_rate"))
@@ -277,6 +312,8 @@ def train_hf(c: TrainConfig) -> TrainResult:
                 f"model: {c.preset} preset, {model.num_params():,} parameters; transformers.Trainer, "
                 f"{plural(total, 'step')} of {plural(global_batch, 'window')} of {L} tokens, warmup {warmup}"
             )
+            if device.type == "cpu":
+                say(f"threads: {plural(threads, 'thread')} per process ({why}); --threads N to change")
         trainer = Trainer(
             model=hf_model,
             args=args,
@@ -287,9 +324,12 @@ def train_hf(c: TrainConfig) -> TrainResult:
         for cb in (PrinterCallback, ProgressCallback):  # they print raw log dicts and a bar: ours print lines
             trainer.remove_callback(cb)
         t_start = time.perf_counter()
-        trainer.train(resume_from_checkpoint=resume_from)
-        wall = time.perf_counter() - t_start
-        trainer.save_model(str(out / "hf"))  # every rank takes part; rank 0 writes
+        with _quiet_saves():
+            trainer.train(resume_from_checkpoint=resume_from)
+            wall = time.perf_counter() - t_start
+            trainer.save_model(str(out / "hf"))  # every rank takes part; rank 0 writes
+            if main:
+                model.save_hf(out / "gpt2")
         step = trainer.state.global_step
         result_model = model
         if not main:
@@ -298,7 +338,6 @@ def train_hf(c: TrainConfig) -> TrainResult:
                 final_val_loss=None, final_val_ppl=None, final_val_bpb=None, n_params=model.num_params(),
                 n_params_non_embedding=model.num_params(non_embedding=True), out_dir=out, checkpoint=None,
             )  # fmt: skip
-        model.save_hf(out / "gpt2")
         # A native checkpoint (weights, config, tokenizer; no optimizer) for python -m gptkernels.evaluate/generate.
         native = {
             "step": step,
@@ -333,3 +372,4 @@ def train_hf(c: TrainConfig) -> TrainResult:
             metrics.close()
         if lock is not None:
             lock.release()
+        torch.set_num_threads(threads_before)

@@ -146,6 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
     add(g, "--compile", "torch.compile the model", action="store_true")
     add(g, "--seed", "seed for weights, data order and dropout", type=INT)
     add(g, "--device", "auto (cuda if available), cpu, cuda, cuda:1, ...")
+    add(
+        g,
+        "--threads",
+        "CPU threads per process; none: the cores not busy with other work (cores minus the load average), "
+        "or OMP_NUM_THREADS when set",
+        type=INT,
+    )
+    add(
+        g,
+        "--dist-timeout",
+        "seconds a process waits for the others in a collective (torchrun) before the run fails",
+        type=float,
+    )
 
     g = p.add_argument_group("logging, evaluation and output")
     add(g, "--log-steps", "log metrics every this many steps", type=INT)

@@ -57,6 +57,9 @@ def test_config_defaults_match_the_command_line_and_bad_values_raise(tmp_path):
     ]:
         with pytest.raises(UsageError, match=words):
             TrainConfig(**bad)
+    from gptkernels.train import resolve_options
+
+    assert resolve_options(["--max-steps", "1e3"])[0]["max_steps"] == 1000  # a whole number in e-notation
     cfg = TrainConfig.from_dict({"learning-rate": "3e-4", "max_steps": "1e3", "data": "x.txt"})
     assert cfg.learning_rate == 3e-4 and cfg.max_steps == 1000 and cfg.data == ["x.txt"]
     with pytest.raises(UsageError, match="grid: unknown option 'nope'"):

@@ -47,11 +47,12 @@ POSITIVE_INTS = frozenset(
         "eval_steps",
         "save_steps",
         "eval_max_tokens",
+        "threads",
     }
 )
 NON_NEGATIVE_INTS = frozenset({"max_steps", "warmup_steps", "sample_tokens"})
 INTS = POSITIVE_INTS | NON_NEGATIVE_INTS | {"seed"}
-FLOATS = frozenset({"drop_rate", "val_fraction", "learning_rate", "weight_decay", "gradient_clipping"})
+FLOATS = frozenset({"drop_rate", "val_fraction", "learning_rate", "weight_decay", "gradient_clipping", "dist_timeout"})
 BOOLS = frozenset({"qkv_bias", "compile", "resume", "overwrite", "wandb"})
 # AdamW runs in float32: a learning rate or weight decay near float32's 3.4e38 overflows inside its update.
 MAX_RATE = 1e30
@@ -93,6 +94,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     seed: int = 123  # seed for weights, data order and dropout
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:1, ...
+    threads: int | None = None  # CPU threads per process (None: the free cores, from the load average)
+    dist_timeout: float = 600.0  # seconds a process waits for the others (torchrun) before failing
     # logging, evaluation, output
     log_steps: int = 10  # log metrics every this many steps
     eval_steps: int | None = None  # evaluate every this many steps (None: 500, or a quarter of a shorter run)
@@ -191,6 +194,8 @@ def check_value(name: str, v: Any) -> None:
             raise UsageError(f"{opt} must be >= 0 and at most {MAX_RATE:g}, got {v:g}")
         if name == "gradient_clipping" and v < 0:
             raise UsageError(f"{opt} must be >= 0 (0: off), got {v:g}")
+        if name == "dist_timeout" and not v > 0:
+            raise UsageError(f"{opt} must be a positive number of seconds, got {v:g}")
         if name in ("val_fraction", "drop_rate") and not 0 <= v < 1:
             raise UsageError(f"{opt} must be in [0, 1), got {v:g}")
     elif name == "data":

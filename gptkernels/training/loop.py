@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,9 +29,9 @@ from ..evaluate import evaluate_tokens, perplexity
 from .config import ARCH_KEYS, TrainConfig, TrainResult
 from .metrics import MetricsFile, WandbLogger, fmt_duration, plural, result_from_files, say
 from .outdir import OutDirLock, check_out_dir, clear_out_dir
-from .resume import load_resume_state
-from .runtime import init_distributed, load_data, peak_flops, resolve_dtype
-from .schedule import default_eval_steps, effective_warmup, lr_factor, plan_steps
+from .resume import load_resume_state, overridden
+from .runtime import choose_threads, init_distributed, load_data, local_world_size, peak_flops, resolve_dtype
+from .schedule import FINAL_LR_FRACTION, default_eval_steps, effective_warmup, lr_factor, plan_steps
 
 
 class TrainingDiverged(RuntimeError):
@@ -74,15 +76,21 @@ def run_training(config: TrainConfig, state: dict[str, Any] | None = None) -> Tr
     return NativeTrainer(config, state).run()
 
 
+def _short(v: Any) -> str:
+    return " ".join(v) if isinstance(v, list) else repr(v) if isinstance(v, str) else str(v)
+
+
 class NativeTrainer:
     """One run of this package's loop: :meth:`run` sets up, trains and returns a :class:`TrainResult`."""
 
     def __init__(self, config: TrainConfig, state: dict[str, Any] | None) -> None:
         self.c, self.state = config, state
-        self.rank, self.world, self.device = init_distributed(config.device)
+        self.rank, self.world, self.device = init_distributed(config.device, config.dist_timeout)
         self.main = self.rank == 0
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.stop_signal: int | None = None
+        self.saving = False  # a checkpoint is being written: a repeated Ctrl-C waits for it
+        self.notes: list[str] = []  # lines for the header: what resuming changed
         self.wandb: WandbLogger | None = None
         self.metrics: MetricsFile | None = None
         self.last_eval: dict[str, Any] | None = None
@@ -101,6 +109,8 @@ class NativeTrainer:
         self.out = check_out_dir(c.out_dir, c.resume, c.overwrite)
         if state is not None and "optimizer" not in state:
             raise UsageError(f"--resume: {state['path']} was written by --trainer hf; resume it with --trainer hf")
+        if state is not None:
+            self.check_resume_options(state)
         spec = state["tokenizer"] if state else None
         self.tokenizer, self.split = load_data(c.data, c.tokenizer, c.val_fraction, c.max_tokens, spec)
         self.cfg = c.model_config(self.tokenizer.n_vocab)
@@ -137,13 +147,31 @@ class NativeTrainer:
             )
         self.steps_per_epoch, self.total_steps = plan_steps(n, self.global_batch, c.num_epochs, c.max_steps)
         self.warmup = effective_warmup(c.warmup_steps, self.total_steps)
+        # The schedule is planned when a run starts and kept when it is resumed, even with another --max-steps:
+        # steps past its end continue at the final learning rate (no second warmup, no second cosine).
+        self.planned_steps = self.total_steps
+        planned = (state or {}).get("schedule")
+        if planned is not None:
+            self.warmup, self.planned_steps = planned["warmup_steps"], planned["total_steps"]
+            if self.total_steps > self.planned_steps:
+                self.notes.append(
+                    f"extending the run from {plural(self.planned_steps, 'step')} to {self.total_steps:,}: its "
+                    f"learning-rate schedule ended at step {self.planned_steps:,}, so the extra steps continue at "
+                    f"its final learning rate {c.learning_rate * FINAL_LR_FRACTION:g} (start a new run, or "
+                    "fine-tune from this one, for a new warmup and cosine)"
+                )
+            elif self.total_steps < self.planned_steps:
+                self.notes.append(
+                    f"stopping at step {self.total_steps:,} of the {self.planned_steps:,} the run was planned "
+                    "for: its learning rate follows the original schedule and will not have decayed fully"
+                )
         self.eval_steps = c.eval_steps or default_eval_steps(self.total_steps)
 
         # Same initial weights on every rank; dropout streams differ per rank.
         torch.manual_seed(c.seed)
         self.model = GPT(self.cfg).to(self.device)
         self.opt = self.model.configure_optimizer(c.learning_rate, c.weight_decay)
-        warmup, total = self.warmup, self.total_steps
+        warmup, total = self.warmup, self.planned_steps
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, warmup, total))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "fp16")
         self.step, self.epoch, self.offset, self.tokens = 0, 0, 0, 0
@@ -166,6 +194,23 @@ class NativeTrainer:
         self.peak = peak_flops(self.device)
         self.flops_per_token = self.model.flops_per_token(L)
         self._perm_epoch, self._perm = -1, None
+
+    def check_resume_options(self, state: dict[str, Any]) -> None:
+        """Refuse a different tokenizer; name every other option that differs from the checkpoint's."""
+        changed = overridden(self.c.stored(), state)
+        if "tokenizer" in changed:
+            old, new = changed["tokenizer"]
+            raise UsageError(
+                f"--resume: {state['path']} was trained with --tokenizer {old}; it cannot continue with "
+                f"--tokenizer {new} (the model's vocabulary is that tokenizer's); drop --tokenizer"
+            )
+        if changed:
+            shown = ", ".join(f"{k} {_short(a)} → {_short(b)}" for k, (a, b) in changed.items())
+            note = f"resuming with options changed from the checkpoint's: {shown}"
+            order = sorted({"data", "seed", "max_tokens", "val_fraction", "batch_size", "grad_accum"} & changed.keys())
+            if order:
+                note += f" (changing {', '.join(order)} means this is no longer the run an uninterrupted one would be)"
+            self.notes.append(note)
 
     def restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -327,8 +372,17 @@ class NativeTrainer:
             return f"(no sample: {type(e).__name__}: {' '.join(str(e).split())})"
         return " ".join(text.split())  # one line
 
-    def save(self) -> Path | None:
-        """Collective: every rank contributes its random state; rank 0 writes."""
+    def save(self, eval_due: bool = False) -> Path | None:
+        """Collective: every rank contributes its random state; rank 0 writes. Parameters that are not finite are
+        never saved (the checkpoint before them stays the last good one)."""
+        bad = [name for name, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise TrainingDiverged(
+                f"the parameters became NaN or infinite by step {self.step} ({bad[0]}"
+                + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
+                + f"); not saved. The last good checkpoint is {latest_checkpoint(self.out) or '(none yet)'}: "
+                "resume from it with --resume, perhaps with a lower --learning-rate"
+            )
         rng = get_rng_state(self.device)
         if self.world > 1:
             import torch.distributed as dist
@@ -354,13 +408,36 @@ class NativeTrainer:
             "args": self.c.stored(),
             "pending": dict(self.pending),
             "wandb_run_id": self.wandb.id if self.wandb is not None else None,
+            "schedule": {"warmup_steps": self.warmup, "total_steps": self.planned_steps},
+            "eval_due": eval_due,  # stopped by a signal before this step's evaluation: --resume runs it first
         }
-        return save_checkpoint(self.out, state, keep=2)
+        self.saving = True
+        try:
+            return save_checkpoint(self.out, state, keep=2)
+        finally:
+            self.saving = False
 
     # -- the loop -----------------------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:
-        self.stop_signal = signum
-        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C stops at once
+        """First Ctrl-C (or SIGTERM): say at once that the run stops after this step with a checkpoint. Second:
+        say it is still finishing (during the save: that it waits for it). Third: stop now, losing this step."""
+        name = signal.Signals(signum).name
+        self.signals_seen = getattr(self, "signals_seen", 0) + 1
+        if self.signals_seen == 1:
+            self.stop_signal = signum
+            msg = (
+                f"{name}: stopping after step {self.step + 1:,} (the current one); a checkpoint will be written then "
+                "to resume from with --resume. Ctrl-C twice more stops at once, losing the steps since the last "
+                "checkpoint."
+            )
+        elif self.signals_seen == 2:
+            doing = "writing the checkpoint" if self.saving else f"finishing step {self.step + 1:,}"
+            msg = f"{name}: still {doing}; waiting for it. Ctrl-C once more stops at once and loses the step."
+        else:
+            signal.signal(signum, signal.SIG_DFL)
+            raise KeyboardInterrupt
+        if self.main:
+            os.write(2, f"\n{msg}\n".encode())  # os.write: safe inside a signal handler, unlike print
 
     def _stop_requested(self) -> int:
         """The signal that asked to stop (0: none); with several processes, any rank's request stops them all."""
@@ -374,14 +451,21 @@ class NativeTrainer:
         return flag
 
     def run(self) -> TrainResult:
-        self.setup()
-        if self.step >= self.total_steps:
-            self.print(f"nothing to do: the run in {self.out} is at step {self.step}, its last ({self.total_steps})")
-            ckpt = latest_checkpoint(self.out)
-            return result_from_files(self.out, self.model, self.step, self.tokens, 0.0, ckpt)
-        lock = OutDirLock(self.out) if self.main else None
+        threads_before = torch.get_num_threads()
+        lock: OutDirLock | None = None
         handlers = {}
         try:
+            if self.device.type == "cpu":
+                self.threads, self.threads_why = choose_threads(self.c.threads, local_processes=local_world_size())
+                torch.set_num_threads(self.threads)
+            self.setup()
+            if self.step >= self.total_steps:
+                self.print(
+                    f"nothing to do: the run in {self.out} is at step {self.step}, its last ({self.total_steps})"
+                )
+                ckpt = latest_checkpoint(self.out)
+                return result_from_files(self.out, self.model, self.step, self.tokens, 0.0, ckpt)
+            lock = OutDirLock(self.out) if self.main else None
             if lock is not None:
                 lock.acquire()  # before anything is written or removed
             self._start()
@@ -396,6 +480,7 @@ class NativeTrainer:
                 self.metrics.close()
             if lock is not None:
                 lock.release()
+            torch.set_num_threads(threads_before)
 
     def _start(self) -> None:
         """Rank 0: clear (--overwrite), write run.json, open metrics.jsonl and W&B, print the header."""
@@ -417,7 +502,7 @@ class NativeTrainer:
             self.wandb = WandbLogger(c.wandb_project, c.wandb_run_name, run_info, out, run_id)
         self.print(
             f"model: {c.preset} preset, {info['parameters']:,} parameters "
-            f"({self.cfg.n_layers} layers × {self.cfg.emb_dim} wide, {self.cfg.n_heads} heads, "
+            f"({plural(self.cfg.n_layers, 'layer')} × {self.cfg.emb_dim} wide, {plural(self.cfg.n_heads, 'head')}, "
             f"context {self.cfg.context_length}, vocab {self.cfg.vocab_size:,})"
         )
         self.print(
@@ -428,30 +513,42 @@ class NativeTrainer:
         self.print(
             f"training: {plural(self.total_steps, 'step')} of {plural(self.global_batch, 'window')} "
             f"({sch['tokens_per_step']:,} tokens; {self.world} process(es)) on {self.device}, {self.dtype}; "
-            f"lr {c.learning_rate:g}, warmup {self.warmup}, cosine to {c.learning_rate * 0.1:g}"
+            f"lr {c.learning_rate:g}, warmup {self.warmup}, cosine to {c.learning_rate * FINAL_LR_FRACTION:g}"
+            + (f" at step {self.planned_steps:,}" if self.planned_steps != self.total_steps else "")
         )
+        if self.device.type == "cpu":
+            self.print(
+                f"threads: {plural(self.threads, 'thread')} per process ({self.threads_why}); --threads N to change"
+            )
         if self.resume_step is not None:
             self.print(f"resuming from {self.state['path']} at step {self.resume_step:,}")
+        for note in self.notes:
+            self.print(note)
+        save = getattr(self.tokenizer, "save", None)
+        if callable(save):  # a tokenizer trained on this data (e.g. a small BPE): beside the checkpoints
+            save(str(out / "tokenizer.json"))
 
     def _loop(self) -> TrainResult:
         from tqdm import tqdm
 
         c = self.c
         last_ckpt = latest_checkpoint(self.out) if self.main else None
-        if self.resume_step is None:
+        if self.resume_step is None or (self.state or {}).get("eval_due"):
             self._log_eval()
+        # A live bar on a terminal; in a redirected log the step lines (every --log-steps, with an ETA) suffice.
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
             unit="step",
             dynamic_ncols=True,
-            disable=not self.main,
+            disable=not (self.main and sys.stderr.isatty()),
             smoothing=0.1,
         )
+        self.start_step = self.step
         loss_acc = torch.zeros((), device=self.device)
         grad_bad = torch.zeros((), device=self.device)
         n_acc, since = 0, self.step
-        t0 = t_start = time.perf_counter()
+        t0 = self.t_start = time.perf_counter()
         grad_norm = torch.zeros(())
         self.model.train()
         with bar:
@@ -465,7 +562,9 @@ class NativeTrainer:
                 last = self.step == self.total_steps
                 stop = self._stop_requested()
                 log = self.step % c.log_steps == 0 or last
-                ev = self.step % self.eval_steps == 0 or last
+                # Asked to stop: skip a due evaluation (it can take long) and let --resume run it.
+                ev_due = self.step % self.eval_steps == 0 or last
+                ev = ev_due and not (stop and not last)
                 save = self.step % c.save_steps == 0 or last or stop
                 if log or save:
                     ok = self._sync_pending(loss_acc, n_acc, grad_bad)
@@ -485,7 +584,7 @@ class NativeTrainer:
                 if ev:
                     self._log_eval()
                 if save:
-                    last_ckpt = self.save() or last_ckpt
+                    last_ckpt = self.save(eval_due=ev_due and not ev) or last_ckpt
                 if ev or save:
                     t0 = time.perf_counter()  # evaluation and saving do not count against tokens/s
                     since = self.step
@@ -496,7 +595,7 @@ class NativeTrainer:
                     )
                     self._barrier()
                     raise TrainingInterrupted(stop, self.step, last_ckpt)
-        wall = time.perf_counter() - t_start
+        wall = time.perf_counter() - self.t_start
         result = self._finish(wall, last_ckpt)
         self._barrier()  # no rank leaves (and tears the process group down) while another still works
         return result
@@ -530,8 +629,13 @@ class NativeTrainer:
         self.print(
             f"step {self.step:>6,}/{self.total_steps:,} | tokens {self.tokens:,} | loss {train_loss:.4f} | "
             f"ppl {row['ppl']:,.1f} | lr {row['lr']:.2e} | grad norm {row['grad_norm']:.3f} | "
-            f"{tokens_per_s:,.0f} tok/s{extra}"
+            f"{tokens_per_s:,.0f} tok/s{extra} | eta {fmt_duration(self.eta())}"
         )
+
+    def eta(self) -> float:
+        """Seconds left at this call's average pace (evaluations and saves included)."""
+        done = self.step - self.start_step
+        return (time.perf_counter() - self.t_start) / max(1, done) * (self.total_steps - self.step)
 
     def _log_eval(self) -> None:
         row = self.evaluate()

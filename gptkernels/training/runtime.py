@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..cli import UsageError, resolve_device
+from .metrics import plural
 
 # bf16 dense tensor-core peaks (FLOP/s) for MFU; a GPU not listed gets no MFU.
 PEAK_FLOPS = (
@@ -43,8 +44,16 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); starts torch.distributed when launched by torchrun with several processes."""
+def local_world_size() -> int:
+    """Processes of this run on this machine (torchrun's LOCAL_WORLD_SIZE)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+
+
+def init_distributed(device_name: str, timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); starts torch.distributed when launched by torchrun with several processes.
+
+    ``timeout_s`` bounds every collective: a rank that dies or is stopped (SIGSTOP, a hung GPU) makes the others
+    fail after that long instead of gloo's 30 minutes (NCCL's 10)."""
     world = world_size()
     if world <= 1:
         return 0, 1, resolve_device(device_name)
@@ -56,8 +65,39 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        import datetime
+
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return rank, world, device
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+def choose_threads(requested: int | None, local_processes: int = 1) -> tuple[int, str]:
+    """``(threads, why)`` for PyTorch's CPU ops in each of ``local_processes`` processes on this machine.
+
+    ``requested`` (--threads) wins, then ``OMP_NUM_THREADS``; otherwise the cores this process may use minus the
+    1-minute load average (other work), shared between the local processes, at least 1. More threads than free
+    cores is much slower than fewer: the threads wait for each other at every op (oversubscription).
+    """
+    if requested:
+        return requested, "--threads"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads(), "OMP_NUM_THREADS"
+    cores = usable_cores()
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # pragma: no cover - Windows
+        load = 0.0
+    free = max(1, min(cores, cores - round(load)))
+    n = max(1, free // max(1, local_processes))
+    return n, f"{plural(cores, 'core')}, load average {load:.2f}"
 
 
 def needs_training_text(name: str) -> bool:
