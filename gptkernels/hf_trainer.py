@@ -12,6 +12,13 @@ and weights, loadable with :func:`load_hf_model` or, after :func:`register`, wit
 ``AutoModelForCausalLM.from_pretrained``); ``gpt2/``, a plain ``GPT2LMHeadModel`` export from ``GPT.save_hf``;
 a native ``ckpt_<step>.pt`` so that ``python -m gptkernels.evaluate/generate --checkpoint`` work on it; and the
 same ``metrics.jsonl`` and ``loss.png`` as the native trainer.
+
+Validation is not Trainer's own ``evaluate`` (which drops the last partial window): a callback scores the held-out
+tokens with :func:`gptkernels.evaluate.evaluate_tokens`, before the first step, every ``eval_steps`` and after
+the last, exactly as the native loop does, so the two trainers print and store the same kind of number. Trainer's
+raw log dicts and progress bars are replaced by the native loop's step lines. Unlike the native loop, ``--resume``
+with a larger ``--max-steps`` is Trainer's own resume, which recomputes its schedule for the new number of steps
+(not checked against the native rule).
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """``python -m gptkernels.train``: train a GPT on text, with crash-safe checkpoints, resume and evaluation.
 
+This module only parses the command line into a :class:`~gptkernels.training.TrainConfig` and calls
+:func:`gptkernels.training.train`; from Python, call that directly.
+
 With no arguments it trains the ``tiny`` preset (3.6M parameters) on the built-in corpus (CPython's own
 documentation, ~139k GPT-2 tokens) on the best device there is, for ``--max-steps 300``: about three minutes
 on a 2-core CPU, ending with a validation loss far below the ln(50257) ≈ 10.8 of an untrained model. It
@@ -7,12 +10,18 @@ writes into ``--out-dir`` (default ``out/``):
 
 - ``ckpt_<step>.pt``: the newest two checkpoints (every ``--save-steps``, at the end, and on Ctrl-C);
 - ``metrics.jsonl``: one JSON object per logged step (``step, tokens, train_loss, ppl, lr, grad_norm,
-  tokens_per_s``, on CUDA ``mfu`` and ``peak_mem_gb``) and per evaluation (``step, tokens, val_loss, val_ppl``);
-- ``loss.png``: train and validation loss against tokens seen; ``run.json``: options, model and data.
+  tokens_per_s``, on CUDA ``mfu`` and ``peak_mem_gb``) and per evaluation (``step, tokens, val_loss, val_ppl,
+  val_bpb``: bits per UTF-8 byte, comparable between tokenizers);
+- ``loss.png``: train and validation loss against tokens seen; ``run.json``: the options, the model's size and
+  config, the data's statistics and the planned schedule, written before the first step;
+- ``tokenizer.json`` when the tokenizer was trained on the data and can save itself.
 
 Safety: an ``--out-dir`` that already holds checkpoints is never overwritten; the command stops with an
-error unless ``--resume`` (continue that run) or ``--overwrite`` (delete its checkpoints, metrics and
-picture, then start afresh) is given.
+error unless ``--resume`` (continue that run) or ``--overwrite`` is given. ``--overwrite`` removes exactly
+what training writes at the top of the folder (checkpoints, metrics, pictures, run.json, ``--trainer hf``'s
+checkpoint folders and exports) and never a folder holding another run (``out/hf`` may be one). A run holds an
+exclusive lock on its folder (``.train.lock``) for its whole life: a second run, or an ``--overwrite``, in
+the same folder is refused with the other process's pid.
 
 Schedule: AdamW (fused on CUDA; weight decay on matrices only), linear warmup for
 ``min(--warmup-steps, 10% of the run's steps)`` steps, then cosine decay to 10% of ``--learning-rate``.
@@ -22,18 +31,30 @@ every ``--eval-steps`` (by default 500, or a quarter of the run when that is sho
 step, and prints a sample from ``--sample-prompt``.
 
 Resume: ``--resume`` continues from the newest checkpoint of ``--out-dir`` with the options it was started
-with (options given again on the command line override them), the same step, learning rate, data order
-and random state; in fp32 the resumed run's losses equal the uninterrupted run's exactly.
+with (options given again override them; the changes are printed; another ``--tokenizer`` is refused), the
+same step, learning rate, data order and random state; in fp32 the resumed run's losses equal the
+uninterrupted run's exactly. The schedule is the one planned when the run started: ``--resume --max-steps
+400`` on a finished 300-step run continues at the final learning rate (10% of the peak) for the 100 extra
+steps, with no second warmup.
 
-Exit status: 0 done; 1 the loss became NaN/inf (the last good checkpoint is kept); 2 bad command line,
-data or output folder (one ``error: ...`` line, nothing written); 130 interrupted by Ctrl-C (SIGINT) or
-143 by SIGTERM, after saving a checkpoint to resume from.
+CPU threads: ``--threads`` per process; by default the cores not busy with other work (usable cores minus the
+1-minute load average, at least 1), or ``OMP_NUM_THREADS`` when set. The header line says which.
+
+Stopping: Ctrl-C (or SIGTERM) prints at once that the run stops after the current step and writes a
+checkpoint; a second Ctrl-C waits for it; a third stops at once, losing the steps since the last checkpoint.
+
+Exit status: 0 done; 1 the loss or the parameters became NaN/inf (the last good checkpoint is kept); 2 bad
+command line, data or output folder, or the folder is in use (one ``error: ...`` line, nothing written); 3 an
+output file could not be written (disk full, file size limit; the earlier checkpoints are whole); 130
+interrupted by Ctrl-C (SIGINT) or 143 by SIGTERM, after saving a checkpoint to resume from.
 
 Several GPUs (or CPU processes): ``torchrun --nproc_per_node=N -m gptkernels.train ...`` runs
 DistributedDataParallel (NCCL on CUDA, gloo on CPU). ``--batch-size`` is per process: each optimizer step
 reads ``batch_size × processes × grad_accum`` windows, every process its own slice, so the run matches a
-single process with that global batch. Only rank 0 writes files. For models that do not fit one GPU,
-shard them with ``torch.distributed.fsdp`` (FSDP2 ``fully_shard``); this command does not do that for you.
+single process with that global batch. Only rank 0 writes files. Every collective waits at most
+``--dist-timeout`` seconds (default 600) for the other processes: a rank that died or hangs fails the run
+then instead of after gloo's 30 minutes; raise it if rank 0's evaluations are longer. For models that do not
+fit one GPU, shard them with ``torch.distributed.fsdp`` (FSDP2 ``fully_shard``); this command does not do that.
 
 ``--trainer hf`` trains the same model with ``transformers.Trainer`` instead (see :mod:`gptkernels.hf_trainer`).
 """
@@ -71,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Every option can also come from --config FILE (JSON or YAML); the command line wins.",
         argument_default=argparse.SUPPRESS,  # only options actually given, so that file < command line works
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Exit status: 0 done, 1 loss became NaN/inf, 2 bad input, 130/143 interrupted (checkpoint saved).\n"
+        epilog="Exit status: 0 done, 1 loss became NaN/inf, 2 bad input or out-dir in use, 3 an output could not be\n"
+        "written, 130/143 interrupted (checkpoint saved).\n"
         "Multi-GPU: torchrun --nproc_per_node=N -m gptkernels.train ... (--batch-size is per process).",
     )
 
@@ -175,7 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     add(g, "--sample-tokens", "tokens sampled at each evaluation; 0: no sample", type=INT)
     add(g, "--out-dir", "folder for checkpoints, metrics.jsonl and loss.png")
     add(g, "--resume", "continue the run in --out-dir from its newest checkpoint", action="store_true")
-    add(g, "--overwrite", "delete the checkpoints, metrics and picture already in --out-dir first", action="store_true")
+    add(
+        g,
+        "--overwrite",
+        "first delete what an earlier run wrote at the top of --out-dir (never a nested run's folder)",
+        action="store_true",
+    )
     add(
         g,
         "--wandb",
