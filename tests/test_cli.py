@@ -137,6 +137,11 @@ def test_unknown_option_and_missing_data_from_the_real_command(tmp_path):
         (["--val-fraction", "1.5"], ["--val-fraction"]),
         (["--kernels", "cuda"], ["--kernels"]),
         (["--resume", "--overwrite"], ["--resume", "--overwrite"]),
+        (["--learning-rate", "inf"], ["--learning-rate", "finite"]),
+        (["--learning-rate", "1e38"], ["--learning-rate", "at most"]),
+        (["--weight-decay", "inf"], ["--weight-decay", "finite"]),
+        (["--max-steps", "2.5"], ["--max-steps", "expected an integer"]),
+        (["--threads", "0"], ["--threads"]),
     ],
 )
 def test_train_bad_options_are_one_line_errors(extra, words, corpus, tmp_path, capsys, monkeypatch):

@@ -56,6 +56,14 @@ def test_hf_trainer_matches_native_loop_and_saves_loadable_models(corpus, tmp_pa
     assert vh[-1] == pytest.approx(vn[-1], rel=0.1)
     summary = json.loads((hf / "hf_summary.json").read_text())
     assert summary["steps"] == 30 and summary["val_loss"] == pytest.approx(vn[-1], rel=0.1)
+    # One validation number, computed as the native loop computes it (every held-out token once), printed
+    # once per evaluation in the native loop's format; no raw log dicts, bars or escape codes in a redirected log.
+    assert summary["val_loss"] == vh[-1]
+    assert [r["step"] for r in read_metrics(hf / "metrics.jsonl") if "val_loss" in r] == [0, 15, 30]
+    assert f"step 30: validation loss {vh[-1]:.4f}" in p2.stdout and f"validation loss {vh[-1]:.4f}" in p2.stdout
+    assert p2.stdout.count("validation loss") == 4  # steps 0, 15, 30 and the "done:" line
+    for stream in (p2.stdout, p2.stderr):
+        assert "\r" not in stream and "\x1b" not in stream and "{'loss'" not in stream and "eval_loss" not in stream
 
     # The outputs: Trainer checkpoints (newest two), the wrapped model, a plain GPT-2 export, a native checkpoint.
     assert sorted(p.name for p in hf.glob("checkpoint-*")) == ["checkpoint-15", "checkpoint-30"]

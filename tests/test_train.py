@@ -83,7 +83,10 @@ def test_default_command_trains_evaluates_and_writes_its_files(default_run):
     assert "3 windows" not in proc.stdout  # sanity: counts are formatted, not placeholders
     for text in ("parameters", "documents", "training windows", "validation loss", "sample: The value of", "done:"):
         assert text in proc.stdout, text
-    assert "tok_s=" in proc.stderr and "30/30" in proc.stderr
+    # Redirected output: no progress bar redrawing itself with \r, but a step line every --log-steps with an ETA.
+    assert "\r" not in proc.stderr and "\r" not in proc.stdout
+    assert "step     30/30 |" in proc.stdout and "tok/s | eta 0m" in proc.stdout
+    assert "threads: 1 thread per process (OMP_NUM_THREADS)" in proc.stdout  # the header says how many threads
 
     png = out / "loss.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -201,6 +204,7 @@ def test_sigint_saves_a_checkpoint_and_exits_130_and_resume_matches(corpus, unin
         pytest.fail("the run finished before SIGINT arrived")
     assert proc.returncode == 130, stderr[-3000:]
     assert "SIGINT at step" in stdout and "--resume" in stdout
+    assert "SIGINT: stopping after step" in stderr and "a checkpoint will be written" in stderr  # said at once
     stopped = load_checkpoint(out)["step"]
     assert max(r["step"] for r in read_metrics(out / "metrics.jsonl")) <= stopped  # saved where it stopped
 
