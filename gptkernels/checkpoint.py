@@ -127,6 +127,20 @@ def output_errors(path: str | Path) -> Iterator[None]:
         raise OutputWriteError(f"cannot write {path}: {reason}; files written before are unchanged") from e
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux allows (os.umask alone must set it to read it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, write: Any) -> Path:
     """Call ``write(file)`` on a temporary file beside ``path``, then make it ``path`` in one rename.
 
@@ -139,6 +153,7 @@ def atomic_write_bytes(path: str | Path, write: Any) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
         try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets what open() would give it
             with os.fdopen(fd, "wb") as f:
                 write(f)
                 f.flush()

@@ -72,6 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = GPT.from_hf(args.hf, kernels=args.kernels).to(device).eval()
         tokenizer = get_tokenizer(args.tokenizer or "gpt2")
     check_vocab(model, tokenizer)
+    from .sampling import extension_status
+
+    print(f"sampling: {extension_status()}", file=sys.stderr, flush=True)  # which op draws the tokens
 
     def on_text(piece: str) -> None:
         sys.stdout.write(piece)

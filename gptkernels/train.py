@@ -133,7 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="SOURCE",
     )
-    add(g, "--tokenizer", "gpt2, char, or hf:<folder>", metavar="NAME")
+    add(
+        g,
+        "--tokenizer",
+        "gpt2, char, byte, bpe:<vocab size> (trained on the data), or hf:<folder>; none: a prepared folder's own, "
+        "else gpt2",
+        metavar="NAME",
+    )
     add(g, "--max-length", "tokens per training window; none: the context length", type=INT)
     add(g, "--stride", "step between window starts (none: max-length, no overlap)", type=INT)
     add(

@@ -265,3 +265,21 @@ def test_weights_that_do_not_fit_the_config_are_refused_before_allocating():
         with pytest.raises(ValueError, match=message):
             model_from_state({**state, "path": "x.pt"})
     assert check_model_state(good).vocab_size == 97
+
+
+def test_atomic_writes_respect_the_umask(tmp_path):
+    """Checkpoints and run files get the permissions any other file would (mkstemp alone makes them 0600)."""
+    import os
+    import stat
+
+    from gptkernels.checkpoint import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        p = atomic_write_bytes(tmp_path / "a.bin", lambda f: f.write(b"x"))
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644
+        os.umask(0o077)
+        q = atomic_write_bytes(tmp_path / "b.bin", lambda f: f.write(b"x"))
+        assert stat.S_IMODE(q.stat().st_mode) == 0o600
+    finally:
+        os.umask(old)

@@ -117,11 +117,6 @@ def test_hf_dataset_offline_and_not_cached_is_one_line(run_dir, capsys, monkeypa
     assert time.monotonic() - start < 30
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gptkernels/train.py's load_data must get its tokenizer from gptkernels.data.resolve_tokenizer "
-    "(train.py is being refactored by another branch); data.py's side is tested in test_data.py",
-)
 def test_train_on_a_char_prepared_folder(tmp_path):
     from gptkernels.prepare import prepare
 

@@ -75,7 +75,7 @@ class TrainConfig:
     kernels: str = "auto"  # fused Triton kernels ("triton"), PyTorch ops ("torch"), or kernels where they run
     # data
     data: list[str] = field(default_factory=lambda: ["builtin"])  # text files, folders, builtin, hf:NAME, prepared
-    tokenizer: str = "gpt2"  # gpt2, char, or hf:<folder>
+    tokenizer: str | None = None  # gpt2, char, byte, bpe:<vocab>, hf:<folder>; None: a prepared folder's own, else gpt2
     max_length: int | None = None  # tokens per training window (None: the context length)
     stride: int | None = None  # step between window starts (None: max_length, no overlap)
     shift: str = "explicit"  # explicit: (input, target) pairs; implicit: labels == inputs, shifted in the loss

@@ -520,6 +520,10 @@ class NativeTrainer:
             self.print(
                 f"threads: {plural(self.threads, 'thread')} per process ({self.threads_why}); --threads N to change"
             )
+        if c.sample_tokens > 0:  # samples at each evaluation: say which sampling op draws them (and build it now)
+            from ..sampling import extension_status
+
+            self.print(f"sampling: {extension_status()}")
         if self.resume_step is not None:
             self.print(f"resuming from {self.state['path']} at step {self.resume_step:,}")
         for note in self.notes:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import atomic_write_bytes
+from ..checkpoint import atomic_write_bytes, output_errors
 from ..cli import UsageError
 from .config import TrainResult
 
@@ -48,8 +48,9 @@ class MetricsFile:
         self.f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
 
     def write(self, row: dict[str, Any]) -> None:
-        self.f.write(json.dumps(row) + "\n")
-        self.f.flush()
+        with output_errors(self.path):  # a full disk here is exit 3 with the file named, like a checkpoint
+            self.f.write(json.dumps(row) + "\n")
+            self.f.flush()
 
     def close(self) -> None:
         if not self.f.closed:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import latest_checkpoint, load_checkpoint
+from ..checkpoint import check_model_state, latest_checkpoint, load_checkpoint
 from ..cli import UsageError
 from .config import FIELDS, MODEL_KEYS, NOT_STORED
 
@@ -17,7 +17,9 @@ def load_resume_state(out_dir: str | Path) -> dict[str, Any]:
         raise UsageError(f"--out-dir {out} is a file, not a folder")
     if latest_checkpoint(out) is None:
         raise UsageError(f"--resume: no checkpoint (ckpt_*.pt) in {out} to resume from")
-    return load_checkpoint(out)
+    state = load_checkpoint(out)
+    check_model_state(state)  # no config, or weights of another model: one line, before anything is built
+    return state
 
 
 def stored_options(state: dict[str, Any], preset_given: bool) -> dict[str, Any]:

@@ -100,21 +100,17 @@ def choose_threads(requested: int | None, local_processes: int = 1) -> tuple[int
     return n, f"{plural(cores, 'core')}, load average {load:.2f}"
 
 
-def needs_training_text(name: str) -> bool:
-    """Tokenizers built from the training corpus itself: ``char`` and trained BPEs (``bpe``, ``bpe:<vocab>``)."""
-    return name == "char" or name.startswith("bpe")
+def load_data(
+    data: list[str], tokenizer: str | None, val_fraction: float, max_tokens: int | None, spec: Any = None
+):
+    """(tokenizer, TokenSplit); a resumed run passes its checkpoint's tokenizer ``spec`` to rebuild it.
 
+    ``tokenizer`` None is a prepared folder's own tokenizer (gpt2 for raw text); char and bpe:<N> are trained on
+    the raw sources, or taken from a prepared folder made with them (:func:`gptkernels.data.resolve_tokenizer`).
+    """
+    from ..data import load_tokens, resolve_tokenizer
+    from ..tokenizer import tokenizer_from_spec
 
-def load_data(data: list[str], tokenizer: str, val_fraction: float, max_tokens: int | None, spec: Any = None):
-    """(tokenizer, TokenSplit); a resumed run passes its checkpoint's tokenizer ``spec`` to rebuild it."""
-    from ..data import iter_documents, load_tokens
-    from ..tokenizer import get_tokenizer, tokenizer_from_spec
-
-    if spec is not None:
-        tok = tokenizer_from_spec(spec)
-    elif needs_training_text(tokenizer):
-        tok = get_tokenizer(tokenizer, text=iter_documents(data))
-    else:
-        tok = get_tokenizer(tokenizer)
+    tok = tokenizer_from_spec(spec) if spec is not None else resolve_tokenizer(tokenizer, data)
     split = load_tokens(data, tok, val_fraction=val_fraction, max_tokens=max_tokens)
     return tok, split
