@@ -100,9 +100,7 @@ def choose_threads(requested: int | None, local_processes: int = 1) -> tuple[int
     return n, f"{plural(cores, 'core')}, load average {load:.2f}"
 
 
-def load_data(
-    data: list[str], tokenizer: str | None, val_fraction: float, max_tokens: int | None, spec: Any = None
-):
+def load_data(data: list[str], tokenizer: str | None, val_fraction: float, max_tokens: int | None, spec: Any = None):
     """(tokenizer, TokenSplit); a resumed run passes its checkpoint's tokenizer ``spec`` to rebuild it.
 
     ``tokenizer`` None is a prepared folder's own tokenizer (gpt2 for raw text); char and bpe:<N> are trained on
