@@ -118,12 +118,29 @@ def cross_entropy_cases(full: bool) -> list[dict]:
     ]
 
 
+def bench_cases() -> list[dict]:
+    """The keys of the benchmark suite's Triton cases (bf16, benchmarks/test_*.py): the GPU check compiles them
+    here in parallel first, so that the benchmarks find them in Triton's cache instead of compiling serially."""
+    cases = [dict(op="attention", dtype="bfloat16", D=64, Tq=1024, Tk=1024, dropout=p) for p in (False, True)]
+    for n in (768, 1024, 1600, 4096):
+        for residual in (False, True):
+            cases.append(dict(op="layer_norm", dtype="bfloat16", N=n, M=16384, residual=residual, bias=True))
+    cases += [dict(op="bias_gelu", dtype="bfloat16", N=n, M=16384, bias=True) for n in (3072, 4096, 6400)]
+    cases.append(dict(op="linear_cross_entropy", dtype="bfloat16", V=50257, C=64, M=8, grad=True))
+    return cases
+
+
 CASE_SETS = {
     "attention": attention_cases,
     "layer_norm": layer_norm_cases,
     "bias_gelu": bias_gelu_cases,
     "cross_entropy": cross_entropy_cases,
 }
+
+
+# Ops whose kernels are autotuned: every worker runs their cases, each compiling a share of the configs. Only a
+# matter of speed: an autotuned op missing here is compiled whole by one worker.
+AUTOTUNED_OPS = ("attention",)
 
 
 def case_key(case: dict) -> str:
@@ -404,11 +421,27 @@ def _autotuners() -> dict[str, list[dict]]:
     return found
 
 
-def worker(arch: int, cases: list[dict], sass: bool, dump_sass: str | None) -> dict:
+def _shard_autotuners(shard: int, n_shards: int) -> None:
+    """Let this worker compile only every ``n_shards``-th config that an autotuner's prune keeps (at least one,
+    so that the launch still happens): the workers of one arch split the configs of each autotuned case."""
+    from triton.runtime.autotuner import Autotuner
+
+    prune = Autotuner.prune_configs
+
+    def sharded(self, kwargs):
+        kept = prune(self, kwargs)
+        return kept[shard::n_shards] or kept[:1]
+
+    Autotuner.prune_configs = sharded
+
+
+def worker(arch: int, cases: list[dict], sass: bool, dump_sass: str | None, shard: tuple[int, int]) -> dict:
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ["GPTKERNELS_BACKEND"] = "triton"
     rec = _Recorder(sass, dump_sass)
     install_fake_driver(arch, rec)
+    if shard[1] > 1:
+        _shard_autotuners(*shard)
     from gptkernels.ops import _backend
 
     _backend.why_not_triton = lambda device: None  # the CPU tensors stand for CUDA ones
@@ -434,7 +467,7 @@ def worker(arch: int, cases: list[dict], sass: bool, dump_sass: str | None) -> d
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _spawn(arch: int, cases: list[dict], args, tmp: Path, i: int) -> dict:
+def _spawn(arch: int, cases: list[dict], args, tmp: Path, i: int, n: int) -> dict:
     cases_file, result_file = tmp / f"cases_{arch}_{i}.json", tmp / f"result_{arch}_{i}.json"
     cases_file.write_text(json.dumps(cases))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -443,6 +476,7 @@ def _spawn(arch: int, cases: list[dict], args, tmp: Path, i: int) -> dict:
     if args.cache_dir:
         env["TRITON_CACHE_DIR"] = str(args.cache_dir)
     cmd = [sys.executable, "-m", "benchmarks.aot_check", "--worker", str(arch), str(cases_file), str(result_file)]
+    cmd += ["--shard", f"{i}/{n}"]
     cmd += ["--sass"] if args.sass else []
     cmd += ["--dump-sass", args.dump_sass] if args.dump_sass else []
     proc = subprocess.run(cmd, env=env, cwd=ROOT, stderr=None if args.verbose else subprocess.PIPE, text=True)
@@ -540,16 +574,29 @@ def _fmt(d: dict) -> str:
 
 
 def run(
-    archs=(90, 80), ops=None, full=False, jobs=2, sass=False, dump_sass=None, cache_dir=None, verbose=False
+    archs=(90, 80),
+    ops=None,
+    full=False,
+    jobs=2,
+    sass=False,
+    dump_sass=None,
+    cache_dir=None,
+    verbose=False,
+    bench=False,
 ) -> dict[int, dict]:
     """Compile every case's kernels for each arch; return {arch: result} (see the module docstring)."""
     cases = [c for name, make in CASE_SETS.items() if not ops or name in ops for c in make(full)]
+    if bench:
+        cases = bench_cases()
     args = argparse.Namespace(sass=sass, dump_sass=dump_sass, cache_dir=cache_dir, verbose=verbose)
-    # Round-robin chunks per arch keep each op's cases spread over the workers (attention dominates).
-    n_chunks = max(1, jobs if len(archs) == 1 else -(-jobs // len(archs)) * 1)
-    tasks = [(arch, i, cases[i::n_chunks]) for arch in archs for i in range(n_chunks)]
+    # Per arch, `jobs` workers: each runs every autotuned case (attention) compiling its share of the configs
+    # (see _shard_autotuners) and a round-robin share of the other cases.
+    n = max(1, jobs)
+    tuned = [c for c in cases if c["op"] in AUTOTUNED_OPS]
+    other = [c for c in cases if c["op"] not in AUTOTUNED_OPS]
+    tasks = [(arch, i, tuned + other[i::n]) for arch in archs for i in range(n)]
     with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        futures = {(a, i): pool.submit(_spawn, a, cs, args, Path(tmp), i) for a, i, cs in tasks if cs}
+        futures = {(a, i): pool.submit(_spawn, a, cs, args, Path(tmp), i, n) for a, i, cs in tasks if cs}
         parts = {k: f.result() for k, f in futures.items()}
     return {arch: _merge(arch, [p for (a, _), p in parts.items() if a == arch], cases) for arch in archs}
 
@@ -560,13 +607,16 @@ def main(argv: list[str] | None = None) -> int:
         arch, cases_file, result_file = int(argv[1]), argv[2], argv[3]
         sass = "--sass" in argv
         dump = argv[argv.index("--dump-sass") + 1] if "--dump-sass" in argv else None
-        result = worker(arch, json.loads(Path(cases_file).read_text()), sass, dump)
+        shard = argv[argv.index("--shard") + 1] if "--shard" in argv else "0/1"
+        i, n = (int(x) for x in shard.split("/"))
+        result = worker(arch, json.loads(Path(cases_file).read_text()), sass, dump, (i, n))
         Path(result_file).write_text(json.dumps(result))
         return 0
     p = argparse.ArgumentParser(prog="python -m benchmarks.aot_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="90,80", help="comma-separated compute capabilities (default 90,80)")
     p.add_argument("--ops", default="", help=f"comma-separated subset of {','.join(CASE_SETS)}")
     p.add_argument("--full", action="store_true", help="every realistic key, not the CI subset")
+    p.add_argument("--bench", action="store_true", help="the benchmark suite's keys instead (warms Triton's cache)")
     p.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--sass", action="store_true", help="add SASS instruction counts to each variant")
     p.add_argument("--dump-sass", metavar="KERNEL", help="print the SASS of every variant of KERNEL")
@@ -583,16 +633,18 @@ def main(argv: list[str] | None = None) -> int:
     if any(x not in CASE_SETS for x in ops):
         p.error(f"--ops: choose from {','.join(CASE_SETS)}")
     t0 = time.monotonic()
-    results = run(archs, ops, a.full, a.jobs, a.sass, a.dump_sass, a.cache_dir, a.verbose)
+    results = run(archs, ops, a.full, a.jobs, a.sass, a.dump_sass, a.cache_dir, a.verbose, a.bench)
     bad = []
     for arch, result in results.items():
         n = len(result["variants"])
         lines = failures(result, check_coverage=not ops)
-        bad += lines
         print(f"sm_{arch}: {n} variants over {len(result['cases'])} cases, {len(lines)} failing")
+        if not a.bench:  # warming a cache: the benchmarks report what they find
+            bad += lines
         if not a.no_write:
             a.out.mkdir(parents=True, exist_ok=True)
-            path = a.out / f"aot_{'full_' if a.full else ''}sm{arch}.json"
+            prefix = "bench_" if a.bench else "full_" if a.full else ""
+            path = a.out / f"aot_{prefix}sm{arch}.json"
             path.write_text(dump_json(result))
             print(f"  wrote {path}")
     for line in bad:
