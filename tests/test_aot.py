@@ -1,10 +1,10 @@
 """Ahead-of-time compile check (benchmarks/aot_check.py): no autotune config that the ops can select spills
 registers or cannot launch on sm_90 or sm_80, proven on a machine without a GPU.
 
-``test_aot_selectable_variants_fit`` compiles the CI subset (every config of every kernel at its worst realistic
-key; ~2-4 minutes on 2 cores with a cold Triton cache, seconds with a warm one) in worker processes with
-``TRITON_INTERPRET`` unset. The full check over every realistic key is
-``python -m benchmarks.aot_check --full``.
+``test_aot_selectable_variants_fit`` compiles the CI subset (every config of every kernel once per arch at its
+worst realistic key: for attention D = 128 with dropout; see ``aot_check.attention_cases``) in two worker
+processes with ``TRITON_INTERPRET`` unset; Triton's on-disk cache makes a second run take seconds. The full
+check over every realistic key is ``python -m benchmarks.aot_check --full``.
 """
 
 from __future__ import annotations
@@ -61,10 +61,11 @@ def test_failures_lists_spills_overflows_errors_and_uncovered_kernels():
     assert len(aot_check.failures(result, check_coverage=False)) == 3
 
 
-def test_ci_subset_keeps_every_head_dim_class_worst_case():
+def test_ci_subset_keeps_every_config_at_its_worst_key():
     cases = aot_check.attention_cases(full=False)
-    assert {c["D"] for c in cases if c["op"] == "attention"} == {64, 128}
     assert any(c["op"] == "attention" and c["D"] == 128 and c["dropout"] and c["Tq"] == 1024 for c in cases)
+    assert any(c["op"] == "attention" and c["dtype"] == "float32" for c in cases)
+    assert any(c["op"] == "attention" and c["Tq"] == 1 for c in cases)
     full = aot_check.attention_cases(full=True)
     assert {c["D"] for c in full if c["op"] == "attention"} == set(aot_check.HEAD_DIMS)
 
