@@ -20,6 +20,10 @@ Usage::
     python -m benchmarks.aot_check --full           # every realistic key (slow: ~10x the subset)
     python -m benchmarks.aot_check --ops attention --arch 90 --sass --no-write   # with SASS instruction counts
     python -m benchmarks.aot_check --dump-sass _attn_fwd_kernel --arch 90 --ops attention   # the SASS itself
+    python -m benchmarks.aot_check --arch 90 --sass --no-write --jobs 1 \\
+        --case '{"op": "attention", "dtype": "float16", "D": 64, "Tq": 1024, "Tk": 1024, "dropout": false}' \\
+        --case '{"op": "attention", "dtype": "float16", "D": 64, "Tq": 1024, "Tk": 1024, "dropout": true}'
+        # one key with and without dropout: a table of every variant with its SASS counts
 
 Writes ``benchmarks/results/aot_sm<arch>.json`` (unless ``--no-write``; ``--full`` writes ``aot_full_sm<arch>``),
 prints the failures and exits 1 when a selectable variant fails. ``--sass`` adds per-variant SASS instruction
@@ -583,11 +587,14 @@ def run(
     cache_dir=None,
     verbose=False,
     bench=False,
+    only: list[dict] | None = None,
 ) -> dict[int, dict]:
     """Compile every case's kernels for each arch; return {arch: result} (see the module docstring)."""
     cases = [c for name, make in CASE_SETS.items() if not ops or name in ops for c in make(full)]
     if bench:
         cases = bench_cases()
+    if only:
+        cases = only
     args = argparse.Namespace(sass=sass, dump_sass=dump_sass, cache_dir=cache_dir, verbose=verbose)
     # Per arch, `jobs` workers: each runs every autotuned case (attention) compiling its share of the configs
     # (see _shard_autotuners) and a round-robin share of the other cases.
@@ -617,6 +624,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ops", default="", help=f"comma-separated subset of {','.join(CASE_SETS)}")
     p.add_argument("--full", action="store_true", help="every realistic key, not the CI subset")
     p.add_argument("--bench", action="store_true", help="the benchmark suite's keys instead (warms Triton's cache)")
+    p.add_argument(
+        "--case",
+        action="append",
+        type=json.loads,
+        metavar="JSON",
+        help="compile only this case, e.g. "
+        '\'{"op": "attention", "dtype": "float16", "D": 64, "Tq": 1024, "Tk": 1024, "dropout": true}\' '
+        "(repeatable)",
+    )
     p.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--sass", action="store_true", help="add SASS instruction counts to each variant")
     p.add_argument("--dump-sass", metavar="KERNEL", help="print the SASS of every variant of KERNEL")
@@ -633,12 +649,19 @@ def main(argv: list[str] | None = None) -> int:
     if any(x not in CASE_SETS for x in ops):
         p.error(f"--ops: choose from {','.join(CASE_SETS)}")
     t0 = time.monotonic()
-    results = run(archs, ops, a.full, a.jobs, a.sass, a.dump_sass, a.cache_dir, a.verbose, a.bench)
+    results = run(archs, ops, a.full, a.jobs, a.sass, a.dump_sass, a.cache_dir, a.verbose, a.bench, a.case)
     bad = []
     for arch, result in results.items():
         n = len(result["variants"])
-        lines = failures(result, check_coverage=not ops)
+        lines = failures(result, check_coverage=not (ops or a.case or a.bench))
         print(f"sm_{arch}: {n} variants over {len(result['cases'])} cases, {len(lines)} failing")
+        if a.sass or a.case:
+            for v in result["variants"]:
+                sass = f" sass {v['sass_instr']} loops {v['loops']} per-elem {v.get('sass_per_elem')}" if a.sass else ""
+                print(
+                    f"  {v['kernel']} {_fmt(v['config'])} [{_fmt(v['specialization'])}] regs {v['n_regs']} "
+                    f"spill {v['spill_bytes']} B shared {v['shared']}{sass}"
+                )
         if not a.bench:  # warming a cache: the benchmarks report what they find
             bad += lines
         if not a.no_write:
