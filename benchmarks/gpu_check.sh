@@ -180,7 +180,7 @@ OP_TESTS=$("$PY" -c "from benchmarks.gpu_plan import OP_TESTS; print(' '.join(OP
 QUICK_IDS=()
 if want tests_quick; then
     t0=$(date +%s)
-    run collect "$LOG" 30 "$PY" -m benchmarks.gpu_plan split-tests "$WORK/ids" $OP_TESTS
+    run collect "$LOG" 40 "$PY" -m benchmarks.gpu_plan split-tests "$WORK/ids" $OP_TESTS
     limit=$(( BUDGET_tests_quick - ($(date +%s) - t0) ))
     pids=()
     for f in $OP_TESTS; do
@@ -188,9 +188,13 @@ if want tests_quick; then
         ids="$WORK/ids/$stem.quick.txt"
         echo "+ [${limit}s, in parallel] $PY -m pytest -q <the quick cases of $f, listed in the plan>"
         [ "$DRY" = 1 ] && continue
-        [ -s "$ids" ] || { note "tests_quick $stem: no cases collected"; continue; }
-        mapfile -t chosen < "$ids"
-        QUICK_IDS+=("${chosen[@]}")
+        if [ -s "$ids" ]; then
+            mapfile -t chosen < "$ids"
+            QUICK_IDS+=("${chosen[@]}")
+        else
+            note "tests_quick $stem: no case list (collection failed?): the whole file, within the same limit"
+            chosen=("$f")
+        fi
         ( timeout --signal=INT --kill-after=10 "$limit" "$PY" -m pytest -q -ra -p no:cacheprovider \
             ${TIMEOUT_ARGS[@]+"${TIMEOUT_ARGS[@]}"} "${chosen[@]}" > "$WORK/tests_quick_$stem.log" 2>&1
           echo $? > "$WORK/tests_quick_$stem.rc" ) &
@@ -274,9 +278,10 @@ if [ "$DRY" = 1 ]; then
 fi
 "$PY" -m benchmarks.gpu_plan finish "$OUT" "$WORK" >> "$LOG" 2>&1 && tail -n 1 "$LOG"
 [ -s "$OUT/report.md" ] && sed -n '/^## Every target/,/^## Results/p' "$OUT/report.md" | sed '$d'
-rm -rf "$WORK"
 if [ "${#FAILED[@]}" -gt 0 ]; then
     note "gpu_check: FAILED phases: ${FAILED[*]} ($(elapsed)s in all)"
+    rm -rf "$WORK"
     exit 1
 fi
 note "gpu_check: all phases ok ($(elapsed)s in all)"
+rm -rf "$WORK"

@@ -27,13 +27,13 @@ TOTAL_S = 480  # the whole check, under the 10 minutes a device command may run 
 # earlier phases left of TOTAL_S minus the report's and the margin's, at least their own budget.
 PHASES = (
     ("install", 80, "carried wheels (pip --no-index), then pip install -e . (builds the sampling op for this GPU)"),
-    ("env", 10, "nvidia-smi and the versions of python, torch, triton, the GPU, nvcc and the sampling op"),
+    ("env", 15, "nvidia-smi and the versions of python, torch, triton, the GPU, nvcc and the sampling op"),
     ("precompile", 40, "Triton's cache filled with the benchmarks' kernels by the AOT tool, 16 processes"),
     ("tests_quick", 60, "each op's test file, one case per test function, the five files side by side"),
     ("tests_rest", 45, "every other unit test on CUDA (pytest-xdist -n 8 when installed)"),
     ("bench", 215, "the benchmark targets first, compile/autotune warm-up before each timed region"),
     ("report", 15, "report.md, the pictures and gpu_check.json"),
-    ("margin", 15, "process start-up and rounding"),
+    ("margin", 10, "process start-up and rounding"),
 )
 BUDGETS = {name: seconds for name, seconds, _ in PHASES}
 
@@ -185,7 +185,7 @@ def finish(out: Path, work: Path) -> dict:
     summary = work / "summary.txt"
     if summary.exists():
         for line in summary.read_text().splitlines():
-            m = re.match(r"(\w+): (ok|FAILED|SKIPPED)(.*)", line)
+            m = re.match(r"(\w+(?: \w+)?): (ok|FAILED|SKIPPED)(.*)", line)
             if m:
                 phases.append({"phase": m.group(1), "status": m.group(2).lower(), "detail": m.group(3).strip()})
     tests = {p.stem: _pytest_counts(p) for p in sorted(work.glob("tests_*.log"))}

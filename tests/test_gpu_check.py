@@ -84,7 +84,8 @@ def test_finish_gives_every_target_a_number_or_a_reason(tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
     work.mkdir()
     out.mkdir()
-    (work / "summary.txt").write_text("install: ok (40s)\nbench: FAILED exit 124 (215s; see bench.log)\n")
+    summary = "install: ok (40s)\ntests_quick test_attention: FAILED exit 1 (x)\nbench: FAILED exit 124 (215s)\n"
+    (work / "summary.txt").write_text(summary)
     (work / "tests_quick_test_attention.log").write_text("....\n2 failed, 14 passed, 1 skipped in 12.3s\n")
     cases = {
         "benchmarks/test_x.py::test_x[a]": {"target": True, "outcome": "passed", "reason": None},
@@ -97,7 +98,11 @@ def test_finish_gives_every_target_a_number_or_a_reason(tmp_path):
     (out / "bench.json").write_text(json.dumps(bench))
     result = gpu_plan.finish(out, work)
     assert json.loads((out / "gpu_check.json").read_text()) == result
-    assert [p["status"] for p in result["phases"]] == ["ok", "failed"]
+    assert [(p["phase"], p["status"]) for p in result["phases"]] == [
+        ("install", "ok"),
+        ("tests_quick test_attention", "failed"),
+        ("bench", "failed"),
+    ]
     assert result["tests"]["tests_quick_test_attention"] == {"failed": 2, "passed": 14, "skipped": 1}
     by_id = {t["id"].split("[")[1][0]: t for t in result["targets"]}
     assert set(by_id) == {"a", "b", "c"}
