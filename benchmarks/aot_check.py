@@ -280,6 +280,11 @@ def install_fake_driver(arch: int, rec: _Recorder) -> None:
                 rec.benchmarking = True
                 try:
                     kernel_call()
+                except Exception as e:
+                    # The autotuner would swallow a config that fails to compile (PTXASError, OutOfResources):
+                    # a selectable config that cannot compile is a failure to report.
+                    rec.errors.append({"case": rec.case, "error": f"autotuned config failed: {type(e).__name__}: {e}"})
+                    raise
                 finally:
                     rec.benchmarking = False
                 return [1.0, 1.0, 1.0] if quantiles else 1.0
