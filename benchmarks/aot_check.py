@@ -28,8 +28,8 @@ Usage::
 Writes ``benchmarks/results/aot_sm<arch>.json`` (unless ``--no-write``; ``--full`` writes ``aot_full_sm<arch>``),
 prints the failures and exits 1 when a selectable variant fails. ``--sass`` adds per-variant SASS instruction
 counts: ``sass_instr`` (whole kernel), ``loops`` (instructions in each loop body, found as backward branches) and
-``sass_per_elem`` (the largest loop's thread-instructions per BLOCK_M x BLOCK_N tile element), which compares
-dropout with no dropout.
+``sass_per_elem`` (each loop's thread-instructions per BLOCK_M x BLOCK_N tile element; for attention the first
+loop is the unmasked one, the hot loop), which compares dropout with no dropout.
 """
 
 from __future__ import annotations
@@ -340,7 +340,7 @@ def _record_launch(rec: _Recorder, arch: int, src, metadata, function: dict, gri
             v |= sass_counts(sass)
             if v["loops"]:
                 elems = constexprs.get("BLOCK_M", 1) * constexprs.get("BLOCK_N", 1)
-                v["sass_per_elem"] = round(max(v["loops"]) * threads / elems, 2)
+                v["sass_per_elem"] = [round(n * threads / elems, 2) for n in v["loops"]]
             if rec.dump_sass == fn.__name__:
                 print(f"===== {fn.__name__} {v['config']} {v['specialization']}\n{sass}")
         rec.variants[h] = v
