@@ -15,6 +15,7 @@ with a hard deadline (the GPU check) still ends normally and writes its JSON.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -41,6 +42,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         metavar="SECONDS",
         help="skip the cases that would start after SECONDS of the session (cases run in priority order)",
+    )
+    group.addoption(
+        "--bench-outcomes",
+        default=None,
+        metavar="PATH",
+        help="write every case's outcome (passed, or the reason it has no figure) to this JSON file",
     )
 
 
@@ -69,8 +76,19 @@ def _priority(item: pytest.Item) -> int:
 
 
 def _cost(item: pytest.Item) -> float:
+    """Seconds to time the case once it is warm (a module's ``bench_cost(params)``)."""
     hook = _module_hook(item, "bench_cost")
     return float(hook(_params(item))) if hook is not None else DEFAULT_COST_S
+
+
+def _warmup(item: pytest.Item) -> list[tuple[str, float]]:
+    """``[(key, seconds)]``: compilation and autotuning that the first case with each key pays before its timing
+    (a module's ``bench_warmup(params)``; cases sharing a key reuse the compiled kernels or autotuning result)."""
+    hook = _module_hook(item, "bench_warmup")
+    return [(str(key), float(seconds)) for key, seconds in (hook(_params(item)) if hook is not None else [])]
+
+
+_WARM_KEYS: set[str] = set()  # the warm-up keys paid so far in this session
 
 
 @pytest.hookimpl(trylast=True)  # after pytest's own fixture-based reordering
@@ -87,9 +105,48 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if cuda_case and not torch.cuda.is_available():
         return  # it skips for want of a GPU, which is the reason to report
     elapsed = time.monotonic() - _SESSION_START
-    cost = _cost(item)
+    warm = [(key, seconds) for key, seconds in _warmup(item) if key not in _WARM_KEYS]
+    cost = _cost(item) + sum(seconds for _, seconds in warm)
     if elapsed + cost > budget:
         pytest.skip(f"time budget: {elapsed:.0f} s of {budget:.0f} s used, this case needs about {cost:.0f} s")
+    _WARM_KEYS.update(key for key, _ in warm)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Outcomes: every case's result or the reason it has none (--bench-outcomes), for the GPU check's JSON
+# ---------------------------------------------------------------------------------------------------------
+
+_OUTCOMES: dict[str, dict] = {}
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    for item in session.items:
+        target = _priority(item) <= harness.TIER_TARGET
+        _OUTCOMES[item.nodeid] = {"target": target, "outcome": "not run", "reason": "not reached before the end"}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    entry = _OUTCOMES.setdefault(report.nodeid, {"target": False})
+    if report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        entry.update(outcome="skipped", reason=reason.removeprefix("Skipped: "))
+    elif report.failed:
+        message = getattr(report.longrepr, "reprcrash", None)
+        entry.update(outcome="failed", reason=f"failed in {report.when}: {message.message if message else ''}"[:500])
+    elif report.when == "call":
+        entry.update(outcome="passed", reason=None)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    path = session.config.getoption("--bench-outcomes", default=None)
+    if not path:
+        return
+    interrupted = exitstatus == pytest.ExitCode.INTERRUPTED
+    for entry in _OUTCOMES.values():
+        if entry.get("outcome") == "not run" and interrupted:
+            entry["reason"] = "not reached: the bench phase hit its time limit"
+    with open(path, "w") as f:
+        json.dump({"exitstatus": int(exitstatus), "cases": _OUTCOMES}, f, indent=1)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -299,9 +299,31 @@ def summary(rows: list[Row]) -> list[str]:
     return lines + [""]
 
 
-def render(data: dict[str, Any], rows: list[Row]) -> str:
+def every_target(data: dict[str, Any], outcomes: dict[str, Any]) -> list[str]:
+    """One line per benchmark target (``--bench-outcomes`` of benchmarks/conftest.py): its median, or the reason
+    it has none (skipped for want of time or a GPU, failed, not reached)."""
+    medians = {b.get("fullname"): (b.get("stats") or {}).get("median") for b in data.get("benchmarks", [])}
+    cases = {k: v for k, v in (outcomes.get("cases") or {}).items() if v.get("target")}
+    if not cases:
+        return []
+    measured = sum(1 for k in cases if medians.get(k) is not None)
+    lines = [
+        f"## Every target: {measured} of {len(cases)} measured",
+        "",
+        "| case | median or reason |",
+        "| --- | --- |",
+    ]
+    for node, o in cases.items():
+        median = medians.get(node)
+        text = fmt_time(median) if median is not None else f"none: {o.get('reason') or o.get('outcome')}"
+        lines.append(f"| {node.split('::', 1)[-1]} | {text} |")
+    return lines + [""]
+
+
+def render(data: dict[str, Any], rows: list[Row], outcomes: dict[str, Any] | None = None) -> str:
     evaluate_targets(rows)
     lines = header(data)
+    lines += every_target(data, outcomes or {})
     lines += summary(rows)
     lines += ["## Results", ""] + table(rows) + [""]
     return "\n".join(lines)
@@ -452,16 +474,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", type=Path, help="the JSON written by pytest --benchmark-json")
     parser.add_argument("--out", type=Path, default=None, help="folder for report.md and the pictures")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target misses")
+    parser.add_argument("--outcomes", type=Path, default=None, help="the --bench-outcomes JSON: list every target")
     args = parser.parse_args(argv)
     try:
         data = json.loads(args.results.read_text())
+        outcomes = json.loads(args.outcomes.read_text()) if args.outcomes and args.outcomes.exists() else {}
     except (OSError, json.JSONDecodeError) as e:
         print(f"cannot read {args.results}: {e}", file=sys.stderr)
         return 2
     rows = load_rows(data)
     out = args.out if args.out is not None else args.results.parent
     out.mkdir(parents=True, exist_ok=True)
-    text = render(data, rows)
+    text = render(data, rows, outcomes)
     pictures = []
     if plot_speedups(rows, out / "speedup.png"):
         pictures.append("speedup.png")

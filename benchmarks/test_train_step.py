@@ -31,7 +31,12 @@ def bench_priority(params: dict) -> int:
 def bench_cost(params: dict) -> float:
     if params["device_type"] == "cpu":
         return 15.0
-    return 120.0 if params["provider"].endswith("compile") else 20.0
+    return 120.0 if params["provider"].endswith("compile") else 6.0
+
+
+def bench_warmup(params: dict) -> list[tuple[str, float]]:
+    """kernels="triton": every op's kernels compile and attention autotunes at T=1024 (mostly cached by then)."""
+    return [("train_step-triton", 10.0)] if params["provider"] == "triton" and params["device_type"] == "cuda" else []
 
 
 def _cases():

@@ -1,0 +1,95 @@
+"""Ahead-of-time compile check (benchmarks/aot_check.py): no autotune config that the ops can select spills
+registers or cannot launch on sm_90 or sm_80, proven on a machine without a GPU.
+
+``test_aot_selectable_variants_fit`` compiles the CI subset (every config of every kernel once per arch at its
+worst realistic key: for attention D = 128 with dropout; see ``aot_check.attention_cases``) in two worker
+processes with ``TRITON_INTERPRET`` unset: 330 s of CPU with a cold Triton cache on the kernels of 2026-12-02
+(about 3 minutes on 2 idle cores; the configs that spill are the slowest to compile), about a minute with a warm
+one. The full check over every realistic key is ``python -m benchmarks.aot_check --full``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import aot_check
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ptxas_missing() -> str | None:
+    try:
+        from triton import knobs
+
+        path = knobs.nvidia.ptxas.path
+    except Exception as e:  # noqa: BLE001 - no triton, or a build without the NVIDIA backend
+        return f"Triton's NVIDIA backend is not available: {e}"
+    return None if path and Path(path).exists() else "ptxas not found"
+
+
+def test_sass_counts_finds_loop_bodies():
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   NOP ;
+        /*0020*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*0030*/                   FFMA R3, R3, R4, R5 ;
+        /*0040*/               @P0 BRA 0x20 ;
+        /*0050*/                   EXIT ;
+        /*0060*/                   BRA 0x60;
+    """
+    counts = aot_check.sass_counts(sass)
+    assert counts["sass_instr"] == 6  # the NOP is not counted
+    assert counts["loops"] == [3]  # IADD3, FFMA, BRA; the trailing self-branch (end of kernel) is no loop
+
+
+def test_failures_lists_spills_overflows_errors_and_uncovered_kernels():
+    ok = dict(kernel="k", config={"BLOCK_M": 64}, specialization={}, pointers=["*fp16"], n_regs=128, n_spills=0)
+    ok |= dict(spill_bytes=0, shared=1024, reasons=[], launchable=True, fails=False)
+    spill = ok | dict(n_spills=10, spill_bytes=40, fails=True)
+    big = ok | dict(shared=300000, launchable=False, reasons=["shared 300000 B > 232448"], fails=True)
+    result = dict(arch="sm_90", variants=[ok, spill, big], errors=[{"case": "c", "error": "PTXASError: x\ny"}])
+    result["not_launched"] = ["_new_kernel"]
+    lines = aot_check.failures(result)
+    assert len(lines) == 4, lines
+    assert "spills 40 B/thread" in lines[0] and "shared 300000 B > 232448" in lines[1]
+    assert "ERROR c: PTXASError: x" in lines[2] and "_new_kernel" in lines[3]
+    assert len(aot_check.failures(result, check_coverage=False)) == 3
+
+
+def test_ci_subset_keeps_every_config_at_its_worst_key():
+    cases = aot_check.attention_cases(full=False)
+    assert any(c["op"] == "attention" and c["D"] == 128 and c["dropout"] and c["Tq"] == 1024 for c in cases)
+    assert any(c["op"] == "attention" and c["dtype"] == "float32" for c in cases)
+    assert any(c["op"] == "attention" and c["Tq"] == 1 for c in cases)
+    full = aot_check.attention_cases(full=True)
+    assert {c["D"] for c in full if c["op"] == "attention"} == set(aot_check.HEAD_DIMS)
+
+
+@pytest.mark.slow
+def test_aot_selectable_variants_fit(tmp_path):
+    reason = _ptxas_missing()
+    if reason:
+        pytest.skip(reason)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    cmd = [sys.executable, "-m", "benchmarks.aot_check", "--out", str(tmp_path), "--jobs", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    results = {arch: tmp_path / f"aot_sm{arch}.json" for arch in (90, 80)}
+    assert all(p.exists() for p in results.values()), proc.stdout[-3000:] + proc.stderr[-3000:]
+    bad = []
+    for arch, path in results.items():
+        result = json.loads(path.read_text())
+        assert result["variants"], f"sm_{arch}: nothing compiled"
+        # Every autotune config must be compiled for some key: a config no key selects is dead weight or a
+        # sign that the prune function lost it.
+        for kernel, configs in result["autotune"].items():
+            assert any(c["selectable"] for c in configs), f"sm_{arch} {kernel}: no config selectable"
+        bad += aot_check.failures(result)
+    assert not bad, f"{len(bad)} selectable variants spill, cannot launch or did not compile:\n" + "\n".join(bad)
+    assert proc.returncode == 0, proc.stdout[-3000:]
