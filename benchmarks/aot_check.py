@@ -91,7 +91,7 @@ def attention_cases(full: bool) -> list[dict]:
 
 def layer_norm_cases(full: bool) -> list[dict]:
     cases = []
-    widths = (*GPT2_WIDTHS, 4096, 16384) if full else (768, 1600, 16384)
+    widths = (*GPT2_WIDTHS, 4096, 8192) if full else (768, 1600, 8192)
     for n in widths:
         for dtype in DTYPES if full else ("float16", "float32"):
             for rows in (8192, 1):  # a training batch of tokens; one decoding token
