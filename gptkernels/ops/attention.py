@@ -92,14 +92,37 @@ def _load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK
 
 
 @triton.jit
-def _dropout_keep(seed, bh, rows, cols, n_cols, dropout_p):
-    """Keep-mask (True = kept) of attention-matrix elements (rows, cols) of head ``bh``; rows/cols broadcast.
+def _dropout_keep(seed, bh, rows, start_n, T_K, dropout_p, BLOCK_N: tl.constexpr, KEYS_FIRST: tl.constexpr):
+    """Keep-mask (True = kept) of the attention-matrix elements (rows, keys start_n + [0, BLOCK_N)) of head bh:
+    (len(rows), BLOCK_N), or (BLOCK_N, len(rows)) when KEYS_FIRST (the dk/dv kernel's transposed tiles).
 
-    Counter-based: Philox keyed by the seed (the head folded into the key's high word) at counter
-    ``row * n_cols + col``, so the forward, the backward and the debug kernel regenerate the same mask.
+    Counter-based, so the forward, the backward and the debug kernel regenerate the same mask whatever their
+    tiles. One Philox4x32-10 call per 8 elements (a call per element, 3 of its 4 words unused, made the RNG cost
+    more than the rest of the kernel): the call keyed by (seed, head) at counter (row, key // 32 * 4 + key % 8 // 2)
+    serves the 8 keys of that row with the same counter, key j taking 16-bit half j % 2 of word j // 8 % 4. That
+    grouping matches the MMA accumulator layout, where a thread holds column pairs 8 apart, so the compiler
+    finds the 8 identical calls in one thread and makes them one. Kept when the uniform is >= round(p * 2**16):
+    the drop rate is dropout_p to within 2**-17. start_n must be a multiple of BLOCK_N.
     """
     key = seed ^ (bh.to(tl.int64) << 32)
-    return tl.rand(key, rows * n_cols + cols) >= dropout_p
+    n = tl.arange(0, BLOCK_N)
+    if BLOCK_N % 32 == 0:  # start_n is a multiple of 32: keep it out of the per-register terms
+        group = (start_n // 32 + n // 32) * 4 + n % 8 // 2
+    else:
+        n = start_n + n
+        group = n // 32 * 4 + n % 8 // 2
+    word = n // 8 % 4
+    low = n % 2 == 0
+    if KEYS_FIRST:
+        group, row, word, low = group[:, None], rows[None, :], word[:, None], low[:, None]
+    else:
+        group, row, word, low = group[None, :], rows[:, None], word[None, :], low[None, :]
+    zero = tl.zeros_like(group + row)
+    r0, r1, r2, r3 = tl.philox(key, group + zero, row + zero, zero, zero)
+    r = tl.where(word < 2, tl.where(word == 0, r0, r1), tl.where(word == 2, r2, r3))
+    # Compare in the high half (u >= t  <=>  u << 16 >= t << 16) so that neither half needs extracting.
+    t = tl.minimum(tl.cast(dropout_p * 65536.0 + 0.5, tl.uint32), 65535) << 16
+    return tl.where(low, r << 16, r) >= t
 
 
 @triton.jit
@@ -129,7 +152,7 @@ def _attn_fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)  # normalisation before dropout, like PyTorch
         acc = acc * alpha[:, None]
         if DROPOUT:
-            p = tl.where(_dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], T_K, dropout_p), p, 0.0)
+            p = tl.where(_dropout_keep(seed, bh, offs_m, start_n, T_K, dropout_p, BLOCK_N, False), p, 0.0)
         v = _load_tile(v_base + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
                        offs_n, T_K, offs_d, HEAD_DIM, MASK, HEAD_PAD)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
@@ -230,7 +253,7 @@ def _attn_bwd_dq_inner(
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], T_K, dropout_p)
+            keep = _dropout_keep(seed, bh, offs_m, start_n, T_K, dropout_p, BLOCK_N, False)
             dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
@@ -313,9 +336,10 @@ def _attn_bwd_dq_kernel(
 def _attn_bwd_dkdv_inner(
     dk, dv, k, v,  # accumulators (BLOCK_N, BLOCK_D) fp32; the key tile's k and v
     q_base, do_base, lse_base, delta_base, stride_qt, stride_qd, stride_dot, stride_dod,
-    offs_n, offs_d, lo, hi,  # key rows of the tile; query range [lo, hi) to visit
+    start_n, offs_n, offs_d, lo, hi,  # key rows of the tile (from start_n); query range [lo, hi) to visit
     T_Q, T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,  # keep_scale = 1 / (1 - dropout_p)
-    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     CHECK_M: tl.constexpr,  # bound-check the query rows (last tile, or the diagonal)
     MASK: tl.constexpr,  # apply the causal mask
     DROPOUT: tl.constexpr,
@@ -341,7 +365,7 @@ def _attn_bwd_dkdv_inner(
             pt = tl.where(offs_n[:, None] <= offs_m[None, :] + shift, pt, 0.0)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], T_K, dropout_p)
+            keep = _dropout_keep(seed, bh, offs_m, start_n, T_K, dropout_p, BLOCK_N, True)
             pzt = tl.where(keep, pt * keep_scale, 0.0)
             dpt = tl.where(keep, dpt * keep_scale, 0.0)
         else:
@@ -404,22 +428,24 @@ def _attn_bwd_dkdv_kernel(
         mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qd, stride_dot, stride_dod,
-            offs_n, offs_d, lo, tl.minimum(mid, T_Q), T_Q, T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,
-            HEAD_DIM, HEAD_PAD, BLOCK_M, DOT_PRECISION, True, True, DROPOUT,
+            start_n, offs_n, offs_d, lo, tl.minimum(mid, T_Q),
+            T_Q, T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,
+            HEAD_DIM, HEAD_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION, True, True, DROPOUT,
         )
     else:
         mid = 0
     # Tiles every row of which sees every key of this tile: no mask, no bound check...
     dk, dv = _attn_bwd_dkdv_inner(
         dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qd, stride_dot, stride_dod,
-        offs_n, offs_d, mid, full_q_end, T_Q, T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,
-        HEAD_DIM, HEAD_PAD, BLOCK_M, DOT_PRECISION, False, False, DROPOUT,
+        start_n, offs_n, offs_d, mid, full_q_end, T_Q, T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,
+        HEAD_DIM, HEAD_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION, False, False, DROPOUT,
     )
     # ...then the last, partial query tile (if the masked loop has not covered it).
     dk, dv = _attn_bwd_dkdv_inner(
         dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qd, stride_dot, stride_dod,
-        offs_n, offs_d, tl.maximum(mid, full_q_end), T_Q, T_Q, T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,
-        HEAD_DIM, HEAD_PAD, BLOCK_M, DOT_PRECISION, True, False, DROPOUT,
+        start_n, offs_n, offs_d, tl.maximum(mid, full_q_end), T_Q,
+        T_Q, T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,
+        HEAD_DIM, HEAD_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION, True, False, DROPOUT,
     )
 
     dk = dk * sm_scale
@@ -445,7 +471,7 @@ def _dropout_mask_kernel(
     bh = tl.program_id(2)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(tl.load(SEED), bh, offs_m[:, None], offs_n[None, :], T_K, dropout_p)
+    keep = _dropout_keep(tl.load(SEED), bh, offs_m, tl.program_id(1) * BLOCK_N, T_K, dropout_p, BLOCK_N, False)
     ptrs = MASK + bh.to(tl.int64) * T_Q * T_K + offs_m[:, None] * T_K + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < T_Q) & (offs_n[None, :] < T_K))
 # fmt: on
@@ -767,8 +793,6 @@ def _check_kernel_inputs(q, k, dropout_p: float) -> None:
         span = (t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3)
         if span >= 2**31:
             raise ValueError(f"{op}: {name} spans {span} elements inside one head; the kernel needs < 2**31")
-    if dropout_p > 0.0 and (q.shape[2] + 256) * (k.shape[2] + 256) >= 2**31:
-        raise ValueError(f"{op}: dropout needs Tq * Tk < 2**31 (its counter is int32), got {q.shape[2]}, {k.shape[2]}")
 
 
 def _interpreter_bf16(q: torch.Tensor, backend: str | None) -> bool:
