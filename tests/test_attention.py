@@ -164,6 +164,8 @@ def test_dropout_mask_rate_and_independence(device):
         assert not torch.equal(mask[0, 0], mask[b, h])
     assert not torch.equal(mask[..., 0, :], mask[..., 1, :])  # so do rows
     assert attention_dropout_mask(dropout_seed(device), 1, 1, 7, 9, 0.0, device).all()
+    # 16-bit uniforms: a rate that rounds to 2**16 must still drop (the threshold saturates, it does not wrap).
+    assert attention_dropout_mask(dropout_seed(device), 1, 1, 8, 64, 0.999999, device).float().mean() < 0.01
 
 
 def test_dropout_seed_comes_from_torch_rng(device):
@@ -330,3 +332,109 @@ def test_dropout_without_a_seed_is_refused(device):
     q, k, v = _qkv(1, 1, 4, 4, 8, torch.float32, device)
     with pytest.raises(ValueError, match="seed"):
         attention_fwd(q, k, v, None, True, 0.1, 0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launch shape, device guard, int32 offsets
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _attention_module():
+    import importlib
+
+    return importlib.import_module("gptkernels.ops.attention")  # ops.attention is the function
+
+
+def test_grid_takes_more_than_65535_heads():
+    """CUDA grid axes 1 and 2 stop at 65535: B*H goes into axis 0 (2**31 - 1), folded with the row tiles."""
+    grid = _attention_module()._grid(1000, 128, 70_000)  # e.g. batch 1024 x 68 heads
+    assert all(n <= 65535 for n in grid[1:]), grid
+    assert grid[0] <= 2**31 - 1 and math.prod(grid) == 8 * 70_000, grid
+    with pytest.raises(ValueError, match="grid"):
+        _attention_module()._grid(2**20, 16, 2**20)
+
+
+def test_kernels_launch_under_the_device_guard(device, monkeypatch):
+    """Triton launches on the current device: every launch (debug mask included) must select the tensors' one."""
+    attn = _attention_module()
+    guarded = []
+    real = attn.device_guard
+    monkeypatch.setattr(attn, "device_guard", lambda t: guarded.append(t.device) or real(t))
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 5, 9, 8, torch.float32, device))
+    ops.attention(q, k, v, dropout_p=0.1, backend="triton").sum().backward()
+    assert len(guarded) == 3, guarded  # fwd, dq, dk/dv
+    attention_dropout_mask(dropout_seed(device), 1, 2, 5, 9, 0.1, device)
+    assert len(guarded) == 4, "the dropout-mask kernel launched without the device guard"
+    assert all(d == q.device for d in guarded)
+
+
+def test_int32_offsets_check_every_input():
+    """Offsets inside a head are int32: q, k, v (and the T x D outputs) must each span < 2**31 elements."""
+    attn = _attention_module()
+
+    def meta(T, D, stride_t):
+        return torch.empty_strided((1, 2, T, D), (0, 0, stride_t, 1), device="meta")
+
+    q, k = meta(4, 8, 8), meta(6, 8, 8)
+    assert attn._kernel_cannot_take(q, k, meta(6, 8, 8)) is None
+    assert "v spans" in attn._kernel_cannot_take(q, k, meta(6, 8, 2**30))
+    assert "k spans" in attn._kernel_cannot_take(q, meta(6, 8, 2**30), meta(6, 8, 8))
+    assert "T * D" in attn._kernel_cannot_take(meta(2**27, 16, 0), meta(2**27, 16, 0), meta(2**27, 16, 0))
+
+
+def test_backward_copies_a_gradient_that_overflows_int32(monkeypatch):
+    attn = _attention_module()
+    launched = {}
+    monkeypatch.setattr(attn, "_launch", lambda kernel, which, n, bh, args, meta: launched.setdefault(which, args))
+    q, k, v = (torch.empty(1, 2, 4, 8, device="meta") for _ in range(3))
+    do = torch.empty_strided((1, 2, 4, 8), (0, 0, 2**30, 1), device="meta")
+    o, lse = torch.empty_like(q), torch.empty(1, 2, 4, device="meta")
+    attn.attention_bwd(do, q, k, v, o, lse, None, True, 0.0, 0.5)
+    for which, position in (("dq", 4), ("dkdv", 3)):  # dO's place in each kernel's arguments
+        passed = launched[which][position]
+        assert passed.shape == do.shape and attn._span(passed) < 2**31, (which, passed.stride())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# auto falls back for shapes the kernel cannot take; triton refuses
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("D", [4, 160])
+def test_auto_falls_back_outside_the_kernels_head_sizes(D, device, monkeypatch):
+    monkeypatch.delenv("GPTKERNELS_BACKEND", raising=False)
+    _attention_module()._NOTICED.clear()
+    q, k, v = _qkv(1, 2, 6, 6, D, torch.float32, device)
+    with ops.count_launches() as c, pytest.warns(UserWarning, match=f"D={D}"):
+        out = ops.attention(q, k, v, backend="auto")
+    assert not c, dict(c)
+    torch.testing.assert_close(out, ops.attention_reference(q, k, v))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per shape
+        ops.attention(q, k, v)
+    with pytest.raises(ValueError, match=r"head sizes D in \[8, 128\]"):
+        ops.attention(q, k, v, backend="triton")
+    monkeypatch.setenv("GPTKERNELS_BACKEND", "triton")
+    with pytest.raises(ValueError, match=r"head sizes D in \[8, 128\]"):
+        ops.attention(q, k, v)
+
+
+@pytest.mark.parametrize("emb_dim, n_heads", [(8, 2), (320, 2)], ids=["D=4", "D=160"])
+def test_model_with_unsupported_head_size_runs_on_auto(emb_dim, n_heads, device, monkeypatch):
+    from gptkernels import GPT, GPTConfig
+    from gptkernels.nn import CausalSelfAttention
+
+    monkeypatch.delenv("GPTKERNELS_BACKEND", raising=False)
+    _attention_module()._NOTICED.clear()
+    x = torch.randn(2, 5, emb_dim, device=device)
+    layer = CausalSelfAttention(emb_dim, n_heads, kernels="auto").to(device)
+    with pytest.warns(UserWarning, match="PyTorch path"):
+        layer(x).sum().backward()
+    cfg = GPTConfig(vocab_size=17, context_length=8, emb_dim=emb_dim, n_heads=n_heads, n_layers=1, kernels="auto")
+    model = GPT(cfg).to(device)
+    idx = torch.randint(0, 17, (2, 5), device=device)
+    with ops.count_launches() as c:
+        logits = model(idx)
+    assert "attention_fwd" not in c and torch.isfinite(logits).all()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +127,23 @@ def _dropout_keep(seed, bh, rows, start_n, T_K, dropout_p, BLOCK_N: tl.constexpr
 
 
 @triton.jit
+def _program_tile(n_rows, BLOCK: tl.constexpr, LONGEST_LAST: tl.constexpr):
+    """(first row of this program's tile, batch*head index) in the 1-D grid of cdiv(n_rows, BLOCK) * B*H programs.
+
+    One grid axis, tile-major, because axes 1 and 2 stop at 65535 (B*H can exceed that) while axis 0 takes
+    2**31 - 1. With LONGEST_LAST the tiles are numbered from the end: under the causal mask the last query tiles
+    are the longest, and starting them first balances the tail of the launch.
+    """
+    n_tiles = tl.cdiv(n_rows, BLOCK)
+    n_bh = tl.num_programs(0) // n_tiles
+    pid = tl.program_id(0)
+    tile = pid // n_bh
+    if LONGEST_LAST:
+        tile = n_tiles - 1 - tile
+    return tile * BLOCK, pid % n_bh
+
+
+@triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q,  # running output (BLOCK_M, BLOCK_D) fp32, row sum and row max (BLOCK_M,), q tile
     k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,  # this head's k and v
@@ -174,10 +192,7 @@ def _attn_fwd_kernel(
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # Last query tiles first: under the causal mask they are the longest, and starting them early balances the
-    # tail of the launch.
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh = tl.program_id(1)
+    start_m, bh = _program_tile(T_Q, BLOCK_M, True)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     q_base = Q + b * stride_qb + h * stride_qh
@@ -280,8 +295,7 @@ def _attn_bwd_dq_kernel(
 
     Also computes delta = rowsum(dO * O) for its query tile, which the dk/dv kernel (launched next) reads.
     """
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh = tl.program_id(1)
+    start_m, bh = _program_tile(T_Q, BLOCK_M, True)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     k_base = K + b * stride_kb + h * stride_kh
@@ -396,8 +410,7 @@ def _attn_bwd_dkdv_kernel(
 
     Z is the dropout mask / (1 - p) (all ones without dropout). Keys past T_K are computed but never stored.
     """
-    start_n = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1)
+    start_n, bh = _program_tile(T_K, BLOCK_N, False)  # the first key tiles are the longest under the causal mask
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     q_base = Q + b * stride_qb + h * stride_qh
@@ -468,11 +481,11 @@ def _dropout_mask_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Debug: write the keep-mask that the attention kernels use for this seed and shape."""
-    bh = tl.program_id(2)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m, bh = _program_tile(T_Q, BLOCK_M, False)  # grid: (query tiles * B*H, key tiles)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     keep = _dropout_keep(tl.load(SEED), bh, offs_m, tl.program_id(1) * BLOCK_N, T_K, dropout_p, BLOCK_N, False)
-    ptrs = MASK + bh.to(tl.int64) * T_Q * T_K + offs_m[:, None] * T_K + offs_n[None, :]
+    ptrs = MASK + (bh.to(tl.int64) * T_Q + offs_m[:, None]) * T_K + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < T_Q) & (offs_n[None, :] < T_K))
 # fmt: on
 
@@ -547,17 +560,27 @@ else:
     )(_attn_bwd_dkdv_kernel)
 
 
+_MAX_GRID_X = 2**31 - 1  # CUDA's limit on grid axis 0 (axes 1 and 2 stop at 65535)
+
+
+def _grid(n_rows: int, tile: int, bh: int) -> tuple[int]:
+    """The 1-D grid of one program per (row tile, batch*head) that :func:`_program_tile` decodes."""
+    n = triton.cdiv(n_rows, tile) * bh
+    if n > _MAX_GRID_X:
+        raise ValueError(f"attention: {n} programs ({n_rows} rows in tiles of {tile}, B*H={bh}) exceed CUDA's grid")
+    return (n,)
+
+
 def _launch(kernel, which: str, n_rows: int, bh: int, args: tuple, meta: dict) -> None:
     """Launch over (row tiles, batch*heads): fixed tiles in the interpreter, autotuned ones on the GPU."""
-    if INTERPRETED:
-        block_m, block_n = _INTERPRETER_TILES[which]
-        tile = block_m if which != "dkdv" else block_n
-        kernel[(triton.cdiv(n_rows, tile), bh)](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n)
-        return
-    row_block = "BLOCK_N" if which == "dkdv" else "BLOCK_M"
-    grid = lambda cfg: (triton.cdiv(n_rows, cfg[row_block]), bh)
     with device_guard(args[0]):
-        kernel[grid](*args, **meta)
+        if INTERPRETED:
+            block_m, block_n = _INTERPRETER_TILES[which]
+            tile = block_m if which != "dkdv" else block_n
+            kernel[_grid(n_rows, tile, bh)](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n)
+        else:
+            row_block = "BLOCK_N" if which == "dkdv" else "BLOCK_M"
+            kernel[lambda cfg: _grid(n_rows, cfg[row_block], bh)](*args, **meta)
 
 
 def _meta(q: torch.Tensor, k: torch.Tensor, causal: bool, dropout_p: float) -> dict:
@@ -637,6 +660,8 @@ def attention_bwd(
         dq (B, H, Tq, D), dk and dv (B, H, Tk, D), contiguous, in q's dtype.
     """
     _check_seed(seed, q, dropout_p)
+    if _span(do) >= _MAX_SPAN:  # a strange layout of the upstream gradient: copy rather than overflow
+        do = do.contiguous()
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     dq = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
@@ -681,8 +706,9 @@ def attention_dropout_mask(
     seed = seed.to(device=device, dtype=torch.int64).reshape(1)
     mask = torch.empty((B, H, Tq, Tk), dtype=torch.int8, device=device)
     block = 32
-    grid = (triton.cdiv(Tq, block), triton.cdiv(Tk, block), B * H)
-    _dropout_mask_kernel[grid](seed, mask, Tq, Tk, float(dropout_p), BLOCK_M=block, BLOCK_N=block)
+    grid = (*_grid(Tq, block, B * H), triton.cdiv(Tk, block))
+    with device_guard(mask):
+        _dropout_mask_kernel[grid](seed, mask, Tq, Tk, float(dropout_p), BLOCK_M=block, BLOCK_N=block)
     return mask.bool()
 
 
@@ -779,20 +805,40 @@ def _check_inputs(q, k, v, causal: bool, dropout_p: float, scale: float | None) 
         raise ValueError(f"{op}: scale must be a finite float or None, got {scale!r}")
 
 
-def _check_kernel_inputs(q, k, dropout_p: float) -> None:
-    """What the Triton kernel additionally needs."""
-    op = "attention"
+_MAX_SPAN = 2**31  # offsets inside one head are int32 in the kernels (batch and head offsets are int64)
+
+
+def _span(t: torch.Tensor) -> int:
+    """The largest element offset inside one (batch, head) slice of a (B, H, T, D) tensor."""
+    return (t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3)
+
+
+def _kernel_cannot_take(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why the Triton kernel cannot take these (valid) inputs, or None when it can: where ``auto`` falls back."""
     d = q.shape[-1]
     if not _MIN_HEAD_DIM <= d <= _MAX_HEAD_DIM:
-        raise ValueError(
-            f"{op}: the Triton kernel supports head sizes D in [{_MIN_HEAD_DIM}, {_MAX_HEAD_DIM}], got D={d} "
-            "(use backend='torch')"
-        )
-    # Offsets inside one head are int32 in the kernels (batch and head offsets are int64).
-    for name, t in (("q", q), ("k", k)):
-        span = (t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3)
-        if span >= 2**31:
-            raise ValueError(f"{op}: {name} spans {span} elements inside one head; the kernel needs < 2**31")
+        return f"the Triton kernel supports head sizes D in [{_MIN_HEAD_DIM}, {_MAX_HEAD_DIM}], got D={d}"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if _span(t) >= _MAX_SPAN:
+            return f"{name} spans {_span(t)} elements inside one head; the kernel needs < 2**31"
+    if max(q.shape[2], k.shape[2]) * d >= _MAX_SPAN:  # the contiguous outputs o, dq, dk, dv
+        return f"T * D must be < 2**31 inside one head, got Tq={q.shape[2]}, Tk={k.shape[2]}, D={d}"
+    return None
+
+
+def _triton_requested(backend: str | None) -> bool:
+    """True when the caller (or GPTKERNELS_BACKEND) asked for the kernel explicitly: refuse instead of falling back."""
+    return (backend if backend not in (None, "auto") else _backend.env_backend()) == "triton"
+
+
+_NOTICED: set[str] = set()
+
+
+def _fall_back(reason: str) -> None:
+    """The ``auto`` backend takes the PyTorch path for inputs the kernel cannot take: say so once per reason."""
+    if reason not in _NOTICED:
+        _NOTICED.add(reason)
+        warnings.warn(f"attention: {reason}; using the PyTorch path", stacklevel=3)
 
 
 def _interpreter_bf16(q: torch.Tensor, backend: str | None) -> bool:
@@ -802,7 +848,7 @@ def _interpreter_bf16(q: torch.Tensor, backend: str | None) -> bool:
     """
     if not (INTERPRETED and q.device.type == "cpu" and q.dtype == torch.bfloat16):
         return False
-    if (backend if backend not in (None, "auto") else _backend.env_backend()) == "triton":
+    if _triton_requested(backend):
         raise RuntimeError(
             "attention: Triton's CPU interpreter computes tl.dot on bfloat16 wrongly; use float32/float16, "
             "backend='torch' or a GPU"
@@ -811,7 +857,6 @@ def _interpreter_bf16(q: torch.Tensor, backend: str | None) -> bool:
 
 
 def _attention_triton(q, k, v, causal: bool, dropout_p: float, scale: float) -> torch.Tensor:
-    _check_kernel_inputs(q, k, dropout_p)
     seed = dropout_seed(q.device) if dropout_p > 0.0 else None
     o, _ = _attention_fwd_op(q, k, v, seed, causal, dropout_p, scale)
     return o
@@ -840,13 +885,20 @@ def attention(
             draws its seed from torch's RNG, so ``torch.manual_seed`` reproduces it.
         scale: softmax scale, default 1/sqrt(D).
         backend: "auto" | "triton" | "torch" or None (the ``GPTKERNELS_BACKEND`` default). The Triton kernel
-            takes fp32/fp16/bf16 and head sizes 8 to 128, and any strides.
+            takes fp32/fp16/bf16 and head sizes 8 to 128, and any strides; for other inputs "auto" takes the
+            PyTorch path (with one warning per reason) and "triton" raises ``ValueError``.
     Returns:
         (B, H, Tq, D), the dtype of ``q``.
     """
     _check_inputs(q, k, v, causal, dropout_p, scale)
     causal, dropout_p = bool(causal), float(dropout_p)
-    if use_triton("attention", q.device, backend) and not _interpreter_bf16(q, backend):
-        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-        return _attention_triton(q, k, v, causal, dropout_p, scale)
+    if use_triton("attention", q.device, backend):
+        reason = _kernel_cannot_take(q, k, v)
+        if reason is not None:
+            if _triton_requested(backend):
+                raise ValueError(f"attention: {reason} (use backend='torch' or 'auto')")
+            _fall_back(reason)
+        elif not _interpreter_bf16(q, backend):
+            scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+            return _attention_triton(q, k, v, causal, dropout_p, scale)
     return attention_torch(q, k, v, causal, dropout_p, scale)
