@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from . import _backend
 from ._backend import use_triton
 from ._triton import INTERPRETED, tl, triton
-from .utils import check_tensor, device_guard, next_power_of_2
+from .utils import FLOAT_DTYPES, check_tensor, device_guard, next_power_of_2
 
 # ---------------------------------------------------------------------------------------------------------
 # Reference
@@ -584,19 +585,26 @@ def _launch(kernel, which: str, n_rows: int, bh: int, args: tuple, meta: dict) -
 
 
 def _meta(q: torch.Tensor, k: torch.Tensor, causal: bool, dropout_p: float) -> dict:
-    d = q.shape[-1]
+    """The kernels' constexpr and autotune-key arguments (cached: they depend on a few integers only)."""
+    fp32_dots = q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    return _meta_for(q.shape[2], k.shape[2], q.shape[3], causal, dropout_p > 0.0, fp32_dots)
+
+
+@functools.lru_cache(maxsize=1024)
+def _meta_for(tq: int, tk: int, d: int, causal: bool, dropout: bool, fp32_dots: bool) -> dict:
     block_d = max(16, next_power_of_2(d))
     return dict(
         # At least 16, so that short lengths (decoding's Tq = 1) share one key and one integer specialisation.
-        T_Q_BUCKET=max(16, next_power_of_2(q.shape[2])),
-        T_K_BUCKET=max(16, next_power_of_2(k.shape[2])),
+        T_Q_BUCKET=max(16, next_power_of_2(tq)),
+        T_K_BUCKET=max(16, next_power_of_2(tk)),
         HEAD_DIM=d,
         BLOCK_D=block_d,
         HEAD_PAD=block_d != d,
         CAUSAL=causal,
-        DROPOUT=dropout_p > 0.0,
-        # fp32 inputs: full-precision dots (the GPU default, tf32, would miss the fp32 tolerance).
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DROPOUT=dropout,
+        # fp32 inputs: TF32 tensor cores where PyTorch's matmuls may use them (torch.backends.cuda.matmul.allow_tf32),
+        # exact fp32 otherwise (TF32 would miss the fp32 tolerance). fp16/bf16 dots ignore the setting.
+        DOT_PRECISION="ieee" if fp32_dots else "tf32",
     )
 
 
@@ -780,9 +788,17 @@ _MIN_HEAD_DIM, _MAX_HEAD_DIM = 8, 128
 def _check_inputs(q, k, v, causal: bool, dropout_p: float, scale: float | None) -> None:
     """Checks shared by both backends: the clear error at the boundary instead of a failure deep inside."""
     op = "attention"
-    check_tensor(op, "q", q, ndim=4)
-    check_tensor(op, "k", k, ndim=4, like=q)
-    check_tensor(op, "v", v, ndim=4, like=q)
+    common = (  # the usual case in one expression; check_tensor names the problem otherwise
+        type(q) is type(k) is type(v) is torch.Tensor
+        and q.dtype in FLOAT_DTYPES
+        and q.dtype == k.dtype == v.dtype
+        and q.dim() == k.dim() == v.dim() == 4
+        and q.device == k.device == v.device
+    )
+    if not common:
+        check_tensor(op, "q", q, ndim=4)
+        check_tensor(op, "k", k, ndim=4, like=q)
+        check_tensor(op, "v", v, ndim=4, like=q)
     if k.shape != v.shape:
         raise ValueError(f"{op}: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
@@ -856,10 +872,31 @@ def _interpreter_bf16(q: torch.Tensor, backend: str | None) -> bool:
     return True
 
 
+class _EagerAttention(torch.autograd.Function):
+    """The custom op's forward and backward without its dispatch, for eager calls (torch.compile sees the op)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, seed, causal: bool, dropout_p: float, scale: float):
+        o, lse = attention_fwd(q, k, v, seed, causal, dropout_p, scale)
+        ctx.save_for_backward(q, k, v, o, lse, seed)
+        ctx.causal, ctx.dropout_p, ctx.scale = causal, dropout_p, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, seed = ctx.saved_tensors
+        dq, dk, dv = attention_bwd(do, q, k, v, o, lse, seed, ctx.causal, ctx.dropout_p, ctx.scale)
+        return dq, dk, dv, None, None, None, None
+
+
 def _attention_triton(q, k, v, causal: bool, dropout_p: float, scale: float) -> torch.Tensor:
     seed = dropout_seed(q.device) if dropout_p > 0.0 else None
-    o, _ = _attention_fwd_op(q, k, v, seed, causal, dropout_p, scale)
-    return o
+    if torch.compiler.is_compiling():
+        return _attention_fwd_op(q, k, v, seed, causal, dropout_p, scale)[0]
+    # Eager: the custom op's dispatch costs more host time than the rest of the call (issue 10, item 6).
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _EagerAttention.apply(q, k, v, seed, causal, dropout_p, scale)
+    return attention_fwd(q, k, v, seed, causal, dropout_p, scale)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------
