@@ -470,3 +470,61 @@ def test_eager_calls_skip_the_custom_op_dispatch(device, monkeypatch):
     assert torch.equal(out.detach(), plain)
     out.sum().backward()
     assert all(t.grad is not None for t in leaves)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Split-KV decoding (flash-decoding)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_kv_split_rule():
+    kv_splits = _attention_module()._kv_splits
+    assert kv_splits(12, 4096, 132) == (16, 256)  # batch-1 decode, 12 heads, Tk 4096: 192 programs on 132 SMs
+    assert kv_splits(132, 4096, 132) == (1, 4096)  # the launch fills the GPU already
+    assert kv_splits(2, 200, 132) == (1, 200)  # too few keys to split
+    n, size = kv_splits(1, 1000, 8)
+    assert size % 128 == 0 and (n - 1) * size < 1000 <= n * size  # no empty split
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "shape, causal",
+    [((1, 2, 1, 300, 64), True), ((1, 1, 1, 517, 24), True), ((2, 1, 3, 290, 16), False)],
+    ids=str,
+)
+def test_split_kv_decoding_matches_oracle(shape, causal, dtype, device):
+    if device != "cpu":
+        pytest.skip("the interpreter pretends to have 8 SMs; on a GPU the split depends on its SM count")
+    inputs = _qkv(*shape, dtype, device)
+    with ops.count_launches() as c:
+        _check_against_oracle(
+            lambda q, k, v: ops.attention(q, k, v, causal=causal, backend="triton"),
+            lambda q, k, v: ops.attention_reference(q, k, v, causal=causal),
+            inputs,
+            dtype,
+        )
+    assert c["attention_fwd_split"] == 1, dict(c)
+    _, lse = attention_fwd(*inputs, None, causal, 0.0, 0.5)
+    s = (inputs[0].double() @ inputs[1].double().transpose(-2, -1)) * 0.5
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, dim=-1), atol=1e-5, rtol=1e-5)
+
+
+def test_split_kv_decoding_with_dropout(device):
+    if device != "cpu":
+        pytest.skip("the interpreter pretends to have 8 SMs; on a GPU the split depends on its SM count")
+    B, H, Tq, Tk, D, p = 1, 2, 1, 300, 16, 0.3
+    torch.manual_seed(3)
+    mask = attention_dropout_mask(dropout_seed(device), B, H, Tq, Tk, p, device)
+
+    def kernel(q, k, v):
+        torch.manual_seed(3)
+        return ops.attention(q, k, v, dropout_p=p, backend="triton")
+
+    with ops.count_launches() as c:
+        _check_against_oracle(
+            kernel,
+            lambda q, k, v: ops.attention_reference(q, k, v, dropout_p=p, dropout_mask=mask),
+            _qkv(B, H, Tq, Tk, D, torch.float32, device),
+            torch.float32,
+        )
+    assert c["attention_fwd_split"] == 1, dict(c)

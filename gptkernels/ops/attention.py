@@ -246,6 +246,88 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
+def _attn_fwd_split_kernel(
+    Q, K, V, O_PART, LSE_PART, SEED,  # O_PART: (S, B*H, Tq, BLOCK_D) fp32; LSE_PART: (S, B*H, Tq) fp32, log2 units
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    H, T_Q, T_K, SPLIT,  # SPLIT: keys per split, a multiple of every BLOCK_N
+    qk_scale, dropout_p,
+    T_Q_BUCKET, T_K_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_PAD: tl.constexpr,
+    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Split-KV forward (flash-decoding) for queries that see every key (Tq = 1, or not causal): program
+    (query tile * B*H, split) attends to keys [split * SPLIT, (split + 1) * SPLIT) and writes its normalised
+    partial output and log-sum-exp; :func:`_attn_combine_kernel` merges the splits. Every split holds at least
+    one key, so no row's maximum is -inf.
+    """
+    start_m, bh = _program_tile(T_Q, BLOCK_M, False)
+    split = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                   offs_m, T_Q, offs_d, HEAD_DIM, True, HEAD_PAD)
+    if DROPOUT:
+        seed = tl.load(SEED)
+    else:
+        seed = 0
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo = split * SPLIT
+    hi = tl.minimum(lo + SPLIT, T_K)
+    full_end = lo + (hi - lo) // BLOCK_N * BLOCK_N
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, offs_m, offs_d, lo, full_end,
+        T_K, 0, qk_scale, seed, bh, dropout_p,
+        HEAD_DIM, HEAD_PAD, BLOCK_N, DOT_PRECISION, False, False, DROPOUT,
+    )
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, offs_m, offs_d, full_end, hi,
+        T_K, 0, qk_scale, seed, bh, dropout_p,
+        HEAD_DIM, HEAD_PAD, BLOCK_N, DOT_PRECISION, True, False, DROPOUT,
+    )
+    inv_l = 1.0 / l_i
+    if DROPOUT:
+        inv_l = inv_l / (1.0 - dropout_p)
+    n_bh = tl.num_programs(0) // tl.cdiv(T_Q, BLOCK_M)
+    row = (split.to(tl.int64) * n_bh + bh) * T_Q + offs_m  # (split, bh, t)
+    row_ok = offs_m < T_Q
+    tl.store(LSE_PART + row, m_i + tl.math.log2(l_i), mask=row_ok)
+    tl.store(O_PART + row[:, None] * BLOCK_D + offs_d[None, :], acc * inv_l[:, None], mask=row_ok[:, None])
+
+
+@triton.jit
+def _attn_combine_kernel(
+    O_PART, LSE_PART, O, LSE,  # partials as written by the split kernel; O (B, H, Tq, D); LSE (B, H, Tq) fp32
+    stride_ob, stride_oh, stride_ot, stride_od,
+    H, T_Q, N_ROWS, N_SPLITS,  # N_ROWS = B*H*Tq
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """o = sum_s exp(lse_s - lse) o_s with lse = logsumexp_s lse_s, for one query row (B*H*Tq programs)."""
+    row = tl.program_id(0).to(tl.int64)  # (bh, t) flattened
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < N_SPLITS
+    lse_s = tl.load(LSE_PART + offs_s * N_ROWS + row, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    w = tl.math.exp2(lse_s - m)
+    o_s = tl.load(O_PART + (offs_s[:, None] * N_ROWS + row) * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    o = tl.sum(o_s * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(LSE + row, (m + tl.math.log2(tl.sum(w, 0))) * 0.6931471805599453)
+    bh = row // T_Q
+    t = row % T_Q
+    o_ptrs = O + (bh // H) * stride_ob + (bh % H) * stride_oh + t * stride_ot + offs_d * stride_od
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+@triton.jit
 def _attn_bwd_dq_inner(
     dq, q, do, lse, delta,  # dq accumulator (BLOCK_M, BLOCK_D) fp32; the query tile's q, dO, lse (log2), delta
     k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
@@ -521,6 +603,11 @@ def _bwd_dkdv_configs() -> list:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
+def _split_configs() -> list:
+    shapes = [(16, 32, 4, 3), (16, 64, 4, 3), (16, 128, 4, 2)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
 _TUNE_KEY = ["T_Q_BUCKET", "T_K_BUCKET", "HEAD_DIM", "CAUSAL", "DROPOUT"]
 
 
@@ -548,7 +635,8 @@ if INTERPRETED:
     _attn_fwd = _attn_fwd_kernel
     _attn_bwd_dq = _attn_bwd_dq_kernel
     _attn_bwd_dkdv = _attn_bwd_dkdv_kernel
-    _INTERPRETER_TILES = {"fwd": (32, 16), "dq": (32, 16), "dkdv": (16, 32)}
+    _attn_fwd_split = _attn_fwd_split_kernel
+    _INTERPRETER_TILES = {"fwd": (32, 16), "dq": (32, 16), "dkdv": (16, 32), "split": (16, 32)}
 else:
     _attn_fwd = triton.autotune(_fwd_configs(), key=_TUNE_KEY, prune_configs_by=_prune_tiles("T_Q_BUCKET", "BLOCK_M"))(
         _attn_fwd_kernel
@@ -559,6 +647,9 @@ else:
     _attn_bwd_dkdv = triton.autotune(
         _bwd_dkdv_configs(), key=_TUNE_KEY, prune_configs_by=_prune_tiles("T_K_BUCKET", "BLOCK_N")
     )(_attn_bwd_dkdv_kernel)
+    _attn_fwd_split = triton.autotune(
+        _split_configs(), key=_TUNE_KEY[:-2] + ["DROPOUT"], prune_configs_by=_prune_tiles("T_Q_BUCKET", "BLOCK_M")
+    )(_attn_fwd_split_kernel)
 
 
 _MAX_GRID_X = 2**31 - 1  # CUDA's limit on grid axis 0 (axes 1 and 2 stop at 65535)
@@ -572,16 +663,44 @@ def _grid(n_rows: int, tile: int, bh: int) -> tuple[int]:
     return (n,)
 
 
-def _launch(kernel, which: str, n_rows: int, bh: int, args: tuple, meta: dict) -> None:
-    """Launch over (row tiles, batch*heads): fixed tiles in the interpreter, autotuned ones on the GPU."""
+def _launch(kernel, which: str, n_rows: int, bh: int, args: tuple, meta: dict, splits: int = 1) -> None:
+    """Launch over (row tiles, batch*heads[, key splits]): fixed tiles in the interpreter, autotuned ones on the
+    GPU."""
+    extra = (splits,) if splits > 1 else ()
     with device_guard(args[0]):
         if INTERPRETED:
             block_m, block_n = _INTERPRETER_TILES[which]
             tile = block_m if which != "dkdv" else block_n
-            kernel[_grid(n_rows, tile, bh)](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n)
+            kernel[(*_grid(n_rows, tile, bh), *extra)](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n)
         else:
             row_block = "BLOCK_N" if which == "dkdv" else "BLOCK_M"
-            kernel[lambda cfg: _grid(n_rows, cfg[row_block], bh)](*args, **meta)
+            kernel[lambda cfg: (*_grid(n_rows, cfg[row_block], bh), *extra)](*args, **meta)
+
+
+_SPLIT_CHUNK = 128  # keys per split are a multiple of this, and so of every BLOCK_N of the split kernel
+_SPLIT_MAX_TQ = 16  # the split kernel's query tile: one tile of queries that all see every key
+_INTERPRETER_SMS = 8  # the interpreter pretends to be a small GPU, so that the tests take the split path
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _INTERPRETER_SMS
+
+
+def _kv_splits(programs: int, tk: int, n_sms: int) -> tuple[int, int]:
+    """(number of splits, keys per split) of the keys for a forward launch of ``programs`` programs.
+
+    Flash-decoding: decoding (Tq = 1) launches only B*H programs, a few SMs' worth at batch 1, each walking all Tk
+    keys; splitting the keys gives about two programs per SM, each with at least _SPLIT_CHUNK keys. (1, tk) when
+    the launch already fills the GPU or the keys are few.
+    """
+    if programs >= n_sms or tk < 2 * _SPLIT_CHUNK:
+        return 1, tk
+    want = min(triton.cdiv(2 * n_sms, programs), tk // _SPLIT_CHUNK)
+    size = triton.cdiv(triton.cdiv(tk, want), _SPLIT_CHUNK) * _SPLIT_CHUNK
+    return triton.cdiv(tk, size), size
 
 
 def _meta(q: torch.Tensor, k: torch.Tensor, causal: bool, dropout_p: float) -> dict:
@@ -637,12 +756,29 @@ def attention_fwd(
     o = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     meta = _meta(q, k, causal, dropout_p)
-    args = (
-        q, k, v, o, lse, seed if seed is not None else lse,  # the seed pointer is not read without dropout
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        H, Tq, Tk, scale * _LOG2E, dropout_p,
-    )  # fmt: skip
-    _launch(_attn_fwd, "fwd", Tq, B * H, args, meta)
+    seed_ptr = seed if seed is not None else lse  # not read without dropout
+    splits, split = (1, Tk) if Tq > _SPLIT_MAX_TQ or (causal and Tq > 1) else _kv_splits(B * H, Tk, _sm_count(q.device))
+    if splits > 1:  # every query sees every key: split them across programs, then merge
+        o_part = torch.empty((splits, B * H, Tq, meta["BLOCK_D"]), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((splits, B * H, Tq), dtype=torch.float32, device=q.device)
+        args = (
+            q, k, v, o_part, lse_part, seed_ptr, *q.stride(), *k.stride(), *v.stride(),
+            H, Tq, Tk, split, scale * _LOG2E, dropout_p,
+        )  # fmt: skip
+        split_meta = {key: value for key, value in meta.items() if key != "CAUSAL"}
+        _launch(_attn_fwd_split, "split", Tq, B * H, args, split_meta, splits)
+        with device_guard(q):
+            _attn_combine_kernel[(B * H * Tq,)](
+                o_part, lse_part, o, lse, *o.stride(), H, Tq, B * H * Tq, splits,
+                HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_S=next_power_of_2(splits),
+            )  # fmt: skip
+        _backend.record("attention_fwd_split")
+    else:
+        args = (
+            q, k, v, o, lse, seed_ptr, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            H, Tq, Tk, scale * _LOG2E, dropout_p,
+        )  # fmt: skip
+        _launch(_attn_fwd, "fwd", Tq, B * H, args, meta)
     _backend.record("attention_fwd")
     return o, lse
 
