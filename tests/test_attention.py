@@ -528,3 +528,61 @@ def test_split_kv_decoding_with_dropout(device):
             torch.float32,
         )
     assert c["attention_fwd_split"] == 1, dict(c)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compiled for sm_90 without a GPU: what dropout costs
+# ---------------------------------------------------------------------------------------------------------
+
+_SASS_COUNT_SCRIPT = r"""
+import importlib, json, os, re, subprocess, sys, tempfile
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+
+class FakeDriver:  # compile for an H100 on a machine without one
+    def get_current_device(self): return 0
+    def get_current_stream(self, device=None): return 0
+    def get_current_target(self): return GPUTarget("cuda", 90, 32)
+    def get_active_torch_device(self): return torch.device("cpu")
+
+driver.set_active(FakeDriver())
+attn = importlib.import_module("gptkernels.ops.attention")
+B, H, T, D = 2, 4, 1024, 64
+q, k, v, o = (torch.empty(B, H, T, D, dtype=torch.float16) for _ in range(4))
+lse, seed = torch.empty(B, H, T), torch.zeros(1, dtype=torch.int64)
+counts = {}
+for dropout in (False, True):
+    meta = attn._meta(q, k, True, 0.1 if dropout else 0.0)
+    kernel = attn._attn_fwd_kernel.warmup(
+        q, k, v, o, lse, seed, *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, T, T, 0.18, 0.1,
+        grid=(1,), **meta, BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"]); f.flush()
+        sass = subprocess.run([sys.argv[1], "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    counts[dropout] = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", sass, re.M))
+print(json.dumps(counts))
+"""
+
+
+@pytest.mark.slow
+def test_dropout_rng_costs_at_most_half_the_kernel(tmp_path):
+    """Issue 10 item 4: compiled for sm_90 (fwd, 128x64 tile, 8 warps, D=64, fp16), the kernel with dropout may
+    have at most 1.5x the SASS instructions of the kernel without (one Philox call per element made it 3.5x)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    triton = pytest.importorskip("triton")
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(cuobjdump):
+        pytest.skip("Triton's bundled cuobjdump is missing")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
+    done = subprocess.run(
+        [sys.executable, "-c", _SASS_COUNT_SCRIPT, cuobjdump], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert counts["true"] <= 1.5 * counts["false"], counts
