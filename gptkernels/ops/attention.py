@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import warnings
 
 import torch
@@ -753,11 +754,12 @@ def attention_fwd(
     _check_seed(seed, q, dropout_p)
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    o = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    device = q.device
+    o = torch.empty((B, H, Tq, D), dtype=q.dtype, device=device)
+    lse = torch.empty((B, H, Tq), dtype=torch.float32, device=device)
     meta = _meta(q, k, causal, dropout_p)
     seed_ptr = seed if seed is not None else lse  # not read without dropout
-    splits, split = (1, Tk) if Tq > _SPLIT_MAX_TQ or (causal and Tq > 1) else _kv_splits(B * H, Tk, _sm_count(q.device))
+    splits, split = (1, Tk) if Tq > _SPLIT_MAX_TQ or (causal and Tq > 1) else _kv_splits(B * H, Tk, _sm_count(device))
     if splits > 1:  # every query sees every key: split them across programs, then merge
         o_part = torch.empty((splits, B * H, Tq, meta["BLOCK_D"]), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((splits, B * H, Tq), dtype=torch.float32, device=q.device)
@@ -965,17 +967,34 @@ def _span(t: torch.Tensor) -> int:
     return (t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3)
 
 
+def _small_storage(t: torch.Tensor) -> bool:
+    """A tensor whose whole storage holds < 2**31 elements spans less than that (cheaper than :func:`_span`)."""
+    return t.untyped_storage().nbytes() < _MAX_SPAN * t.element_size()
+
+
 def _kernel_cannot_take(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     """Why the Triton kernel cannot take these (valid) inputs, or None when it can: where ``auto`` falls back."""
-    d = q.shape[-1]
+    _, _, tq, d = q.shape
     if not _MIN_HEAD_DIM <= d <= _MAX_HEAD_DIM:
         return f"the Triton kernel supports head sizes D in [{_MIN_HEAD_DIM}, {_MAX_HEAD_DIM}], got D={d}"
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if _span(t) >= _MAX_SPAN:
+        if not _small_storage(t) and _span(t) >= _MAX_SPAN:
             return f"{name} spans {_span(t)} elements inside one head; the kernel needs < 2**31"
-    if max(q.shape[2], k.shape[2]) * d >= _MAX_SPAN:  # the contiguous outputs o, dq, dk, dv
-        return f"T * D must be < 2**31 inside one head, got Tq={q.shape[2]}, Tk={k.shape[2]}, D={d}"
+    tk = k.shape[2]
+    if max(tq, tk) * d >= _MAX_SPAN:  # the contiguous outputs o, dq, dk, dv
+        return f"T * D must be < 2**31 inside one head, got Tq={tq}, Tk={tk}, D={d}"
     return None
+
+
+def _use_triton(device: torch.device, backend: str | None) -> bool:
+    """``use_triton`` for this op, cached: it reads the environment and imports on every call (a fifth of the
+    host time of a small attention call). The cache key holds GPTKERNELS_BACKEND, so changing it still counts."""
+    return _use_triton_for(device, backend, os.environ.get("GPTKERNELS_BACKEND"))
+
+
+@functools.lru_cache(maxsize=64)
+def _use_triton_for(device: torch.device, backend: str | None, _env: str | None) -> bool:
+    return use_triton("attention", device, backend)
 
 
 def _triton_requested(backend: str | None) -> bool:
@@ -998,7 +1017,7 @@ def _interpreter_bf16(q: torch.Tensor, backend: str | None) -> bool:
 
     The interpreter computes ``tl.dot`` on bfloat16 wrongly (Triton 3.9), so ``auto`` takes the PyTorch path.
     """
-    if not (INTERPRETED and q.device.type == "cpu" and q.dtype == torch.bfloat16):
+    if not (INTERPRETED and q.dtype == torch.bfloat16 and q.device.type == "cpu"):
         return False
     if _triton_requested(backend):
         raise RuntimeError(
@@ -1065,7 +1084,7 @@ def attention(
     """
     _check_inputs(q, k, v, causal, dropout_p, scale)
     causal, dropout_p = bool(causal), float(dropout_p)
-    if use_triton("attention", q.device, backend):
+    if _use_triton(q.device, backend):
         reason = _kernel_cannot_take(q, k, v)
         if reason is not None:
             if _triton_requested(backend):
