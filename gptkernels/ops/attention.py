@@ -969,6 +969,8 @@ def _span(t: torch.Tensor) -> int:
 
 def _small_storage(t: torch.Tensor) -> bool:
     """A tensor whose whole storage holds < 2**31 elements spans less than that (cheaper than :func:`_span`)."""
+    if torch.compiler.is_compiling():  # dynamo cannot trace storage sizes
+        return False
     return t.untyped_storage().nbytes() < _MAX_SPAN * t.element_size()
 
 
@@ -989,6 +991,8 @@ def _kernel_cannot_take(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> st
 def _use_triton(device: torch.device, backend: str | None) -> bool:
     """``use_triton`` for this op, cached: it reads the environment and imports on every call (a fifth of the
     host time of a small attention call). The cache key holds GPTKERNELS_BACKEND, so changing it still counts."""
+    if torch.compiler.is_compiling():  # traced once, the cache would only stand in dynamo's way
+        return use_triton("attention", device, backend)
     return _use_triton_for(device, backend, os.environ.get("GPTKERNELS_BACKEND"))
 
 
