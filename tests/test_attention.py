@@ -300,20 +300,41 @@ def test_non_causal_allows_tq_greater_than_tk(device):
 
 def test_autotune_prune_rules():
     """The GPU autotuner's pre-filter (the interpreter does not autotune, but the rule is plain Python)."""
-    from gptkernels.ops.attention import _bwd_dkdv_configs, _fwd_configs, _prune_tiles
+    from gptkernels.ops.attention import _configs, _prune_tiles
 
-    prune = _prune_tiles("T_Q_BUCKET", "BLOCK_M")["early_config_prune"]
+    prune = _prune_tiles("fwd")["early_config_prune"]
     bf16, fp32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1, dtype=torch.float32)
-    assert prune(_fwd_configs(), {"Q": bf16}, T_Q_BUCKET=1024, T_K_BUCKET=1024) == _fwd_configs()
-    decode = prune(_fwd_configs(), {"Q": bf16}, T_Q_BUCKET=16, T_K_BUCKET=4096)
+    d64 = dict(BLOCK_D=64, DROPOUT=False)
+    assert prune(_configs("fwd"), {"Q": bf16}, T_Q_BUCKET=1024, T_K_BUCKET=1024, **d64) == _configs("fwd")
+    decode = prune(_configs("fwd"), {"Q": bf16}, T_Q_BUCKET=16, T_K_BUCKET=4096, **d64)
     assert decode and all(c.kwargs["BLOCK_M"] == 16 for c in decode)
     for q, tq, tk in [(bf16, 128, 256), (fp32, 1024, 1024)]:
-        (only,) = prune(_fwd_configs(), {"Q": q}, T_Q_BUCKET=tq, T_K_BUCKET=tk)
+        (only,) = prune(_configs("fwd"), {"Q": q}, T_Q_BUCKET=tq, T_K_BUCKET=tk, **d64)
         assert only.kwargs["BLOCK_M"] * only.kwargs["BLOCK_N"] == min(
-            c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in _fwd_configs()
+            c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in _configs("fwd")
         )
-    dkdv = _prune_tiles("T_K_BUCKET", "BLOCK_N")["early_config_prune"]
-    assert dkdv(_bwd_dkdv_configs(), {"Q": bf16}, T_Q_BUCKET=2048, T_K_BUCKET=2048) == _bwd_dkdv_configs()
+    dkdv = _prune_tiles("dkdv")["early_config_prune"]
+    assert dkdv(_configs("dkdv"), {"Q": bf16}, T_Q_BUCKET=2048, T_K_BUCKET=2048, **d64) == _configs("dkdv")
+
+
+def test_autotune_keeps_configs_that_fit():
+    """Issue 10 item 5: at D = 128 the big tiles spill (with dropout) or overflow shared memory, so the pre-filter
+    drops them by head size, dtype and dropout, and every case keeps at least one config."""
+    from gptkernels.ops.attention import _CONFIGS, selectable_configs
+
+    def shapes(configs):
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs}
+
+    for kernel in _CONFIGS:
+        for d in (8, 16, 24, 32, 64, 80, 96, 128):
+            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                for dropout in (False, True):
+                    assert selectable_configs(kernel, d, dtype, dropout), (kernel, d, dtype, dropout)
+        assert len(shapes(selectable_configs(kernel, 128, torch.float32, True))) == 1  # fp32: one config
+    # Measured on sm_90 (Triton 3.9): these spill at D = 128 with dropout.
+    assert not shapes(selectable_configs("fwd", 128, torch.float16, True)) & {(128, 64, 8, 3), (128, 128, 8, 2)}
+    assert not shapes(selectable_configs("dkdv", 128, torch.bfloat16, True)) & {(64, 128, 8, 3), (32, 128, 8, 3)}
+    assert (128, 64, 8, 3) in shapes(selectable_configs("fwd", 64, torch.float16, True))  # FA2's tile stays
 
 
 def test_bf16_in_the_interpreter_is_refused_or_falls_back(device):

@@ -579,55 +579,91 @@ def _dropout_mask_kernel(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _fwd_configs() -> list:
-    # (BLOCK_M, BLOCK_N, num_warps, num_stages). The 16-row tiles serve decoding (Tq = 1).
-    shapes = [
-        (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (128, 64, 4, 4), (128, 128, 8, 4),
-        (64, 64, 4, 3), (64, 32, 4, 4), (64, 128, 4, 3), (16, 64, 4, 3), (16, 128, 4, 3),
-    ]  # fmt: skip
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+# Autotune configs of each kernel, (BLOCK_M, BLOCK_N, num_warps, num_stages), with the largest BLOCK_D each takes
+# for 16-bit inputs without dropout, for 16-bit inputs with dropout, and for fp32 (0: never). The limits come from
+# compiling every config at its limit for sm_90 and sm_80 (registers, spills, shared memory): no selectable config
+# spills registers or needs more shared memory than sm_80's 163 KB. Bigger tiles at D = 128 spill (dropout's RNG
+# state and the dk/dv kernel's two fp32 accumulators need the registers); fp32 takes the one smallest tile.
+_CONFIGS = {
+    "fwd": {
+        (128, 64, 8, 3): (128, 64, 0),  # FA2's forward tile
+        (128, 128, 8, 2): (64, 0, 0),  # spills with dropout on sm_80
+        (128, 32, 8, 3): (128, 128, 0),
+        (64, 64, 4, 3): (128, 64, 0),
+        (64, 32, 4, 3): (128, 128, 0),
+        (16, 64, 4, 3): (128, 128, 128),  # decoding (Tq = 1) and fp32
+        (16, 128, 4, 2): (128, 128, 0),
+    },
+    "dq": {
+        (128, 64, 8, 3): (128, 64, 0),
+        (128, 32, 8, 3): (128, 128, 0),
+        (64, 64, 4, 3): (128, 64, 0),
+        (64, 32, 4, 3): (128, 128, 128),
+    },
+    "dkdv": {
+        (32, 128, 8, 3): (128, 64, 0),
+        (64, 128, 8, 3): (128, 0, 0),
+        (64, 64, 8, 3): (128, 64, 0),
+        (32, 64, 4, 3): (128, 64, 0),
+        (16, 64, 4, 2): (128, 128, 0),
+        (16, 32, 4, 2): (128, 128, 128),
+    },
+    "split": {
+        (16, 32, 4, 3): (128, 128, 128),
+        (16, 64, 4, 3): (128, 128, 0),
+        (16, 128, 4, 2): (128, 128, 0),
+    },
+}
+_SMALL_PROBLEM = 256 * 256  # Tq * Tk up to this: the smallest tile, without benchmarking
 
 
-def _bwd_dq_configs() -> list:
-    shapes = [
-        (128, 32, 4, 3), (128, 32, 4, 5), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 8, 4),
-        (16, 64, 4, 2),
-    ]  # fmt: skip
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+def _configs(kernel: str) -> list:
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in _CONFIGS[kernel]]
 
 
-def _bwd_dkdv_configs() -> list:
-    shapes = [
-        (32, 128, 4, 3), (32, 128, 4, 5), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4),
-        (16, 64, 4, 2), (16, 128, 4, 3),
-    ]  # fmt: skip
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+def _fits(kernel: str, config, block_d: int, dropout: bool, fp32: bool) -> bool:
+    """Whether ``config`` of ``kernel`` compiles without spills and within shared memory at this size."""
+    key = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
+    return block_d <= _CONFIGS[kernel][key][2 if fp32 else 1 if dropout else 0]
 
 
-def _split_configs() -> list:
-    shapes = [(16, 32, 4, 3), (16, 64, 4, 3), (16, 128, 4, 2)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+def _prune_tiles(kernel: str):
+    """Autotune pre-filter of ``kernel``'s configs.
 
-
-_TUNE_KEY = ["T_Q_BUCKET", "T_K_BUCKET", "HEAD_DIM", "CAUSAL", "DROPOUT"]
-
-
-def _prune_tiles(bucket: str, block: str):
-    """Autotune pre-filter.
-
-    Skips configs whose row tile is longer than the rows there are (decoding's Tq = 1). Small problems
-    (Tq * Tk <= 256 * 256) and fp32 (full-precision dots: slow to compile, not a speed target) take the smallest
-    tile without benchmarking, so that test suites on a GPU do not compile every config for every shape.
+    Keeps the configs that fit the head size, dtype and dropout (:data:`_CONFIGS`), then skips those whose row tile
+    is longer than the rows there are (decoding's Tq = 1). Small problems (Tq * Tk <= 256 * 256) and fp32 (not a
+    speed target) take the smallest tile without benchmarking, so that test suites on a GPU do not compile every
+    config for every shape.
     """
+    bucket, block = ("T_K_BUCKET", "BLOCK_N") if kernel == "dkdv" else ("T_Q_BUCKET", "BLOCK_M")
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        kept = [c for c in configs if c.kwargs[block] <= args[bucket]] or configs
-        if args["Q"].dtype == torch.float32 or args["T_Q_BUCKET"] * args["T_K_BUCKET"] <= 256 * 256:
+        fp32 = args["Q"].dtype == torch.float32
+        fit = [c for c in configs if _fits(kernel, c, args["BLOCK_D"], args["DROPOUT"], fp32)]
+        kept = [c for c in fit if c.kwargs[block] <= args[bucket]] or fit
+        if fp32 or args["T_Q_BUCKET"] * args["T_K_BUCKET"] <= _SMALL_PROBLEM:
             kept = [min(kept, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
         return kept
 
     return {"early_config_prune": prune}
+
+
+def selectable_configs(kernel: str, head_dim: int, dtype: torch.dtype, dropout: bool) -> list:
+    """The configs of ``kernel`` ("fwd", "dq", "dkdv", "split") that the autotuner may pick for some lengths at
+    this head size, dtype and dropout: what an ahead-of-time compile check must compile."""
+    prune = _prune_tiles(kernel)["early_config_prune"]
+    q = torch.empty(0, dtype=dtype, device="meta")
+    block_d = max(16, next_power_of_2(head_dim))
+    picked = []
+    for tq, tk in [(16, 16), (16, 2**20), (2**20, 2**20)] + [(2**i, 2**i) for i in range(4, 12)]:
+        for c in prune(_configs(kernel), {"Q": q}, BLOCK_D=block_d, DROPOUT=dropout, T_Q_BUCKET=tq, T_K_BUCKET=tk):
+            if c not in picked:
+                picked.append(c)
+    return picked
+
+
+_TUNE_KEY = ["T_Q_BUCKET", "T_K_BUCKET", "HEAD_DIM", "CAUSAL", "DROPOUT"]
 
 
 if INTERPRETED:
@@ -639,17 +675,17 @@ if INTERPRETED:
     _attn_fwd_split = _attn_fwd_split_kernel
     _INTERPRETER_TILES = {"fwd": (32, 16), "dq": (32, 16), "dkdv": (16, 32), "split": (16, 32)}
 else:
-    _attn_fwd = triton.autotune(_fwd_configs(), key=_TUNE_KEY, prune_configs_by=_prune_tiles("T_Q_BUCKET", "BLOCK_M"))(
-        _attn_fwd_kernel
+    _attn_fwd = triton.autotune(_configs("fwd"), key=_TUNE_KEY, prune_configs_by=_prune_tiles("fwd"))(_attn_fwd_kernel)
+    _attn_bwd_dq = triton.autotune(_configs("dq"), key=_TUNE_KEY, prune_configs_by=_prune_tiles("dq"))(
+        _attn_bwd_dq_kernel
     )
-    _attn_bwd_dq = triton.autotune(
-        _bwd_dq_configs(), key=_TUNE_KEY, prune_configs_by=_prune_tiles("T_Q_BUCKET", "BLOCK_M")
-    )(_attn_bwd_dq_kernel)
-    _attn_bwd_dkdv = triton.autotune(
-        _bwd_dkdv_configs(), key=_TUNE_KEY, prune_configs_by=_prune_tiles("T_K_BUCKET", "BLOCK_N")
-    )(_attn_bwd_dkdv_kernel)
+    _attn_bwd_dkdv = triton.autotune(_configs("dkdv"), key=_TUNE_KEY, prune_configs_by=_prune_tiles("dkdv"))(
+        _attn_bwd_dkdv_kernel
+    )
     _attn_fwd_split = triton.autotune(
-        _split_configs(), key=_TUNE_KEY[:-2] + ["DROPOUT"], prune_configs_by=_prune_tiles("T_Q_BUCKET", "BLOCK_M")
+        _configs("split"),
+        key=["T_Q_BUCKET", "T_K_BUCKET", "HEAD_DIM", "DROPOUT"],
+        prune_configs_by=_prune_tiles("split"),
     )(_attn_fwd_split_kernel)
 
 
@@ -1032,17 +1068,16 @@ def _interpreter_bf16(q: torch.Tensor, backend: str | None) -> bool:
 
 
 class _EagerAttention(torch.autograd.Function):
-    """The custom op's forward and backward without its dispatch, for eager calls (torch.compile sees the op)."""
+    """The custom op's forward and backward without its dispatch, for eager calls on plain tensors."""
 
     @staticmethod
-    def forward(ctx, q, k, v, seed, causal: bool, dropout_p: float, scale: float):
-        o, lse = attention_fwd(q, k, v, seed, causal, dropout_p, scale)
-        ctx.save_for_backward(q, k, v, o, lse, seed)
-        ctx.causal, ctx.dropout_p, ctx.scale = causal, dropout_p, scale
-        return o
+    def forward(q, k, v, seed, causal: bool, dropout_p: float, scale: float):
+        return attention_fwd(q, k, v, seed, causal, dropout_p, scale)
+
+    setup_context = staticmethod(_setup_context)
 
     @staticmethod
-    def backward(ctx, do):
+    def backward(ctx, do, _dlse):
         q, k, v, o, lse, seed = ctx.saved_tensors
         dq, dk, dv = attention_bwd(do, q, k, v, o, lse, seed, ctx.causal, ctx.dropout_p, ctx.scale)
         return dq, dk, dv, None, None, None, None
@@ -1050,11 +1085,11 @@ class _EagerAttention(torch.autograd.Function):
 
 def _attention_triton(q, k, v, causal: bool, dropout_p: float, scale: float) -> torch.Tensor:
     seed = dropout_seed(q.device) if dropout_p > 0.0 else None
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or type(q) is not torch.Tensor:  # traced, or a subclass (FakeTensor...)
         return _attention_fwd_op(q, k, v, seed, causal, dropout_p, scale)[0]
     # Eager: the custom op's dispatch costs more host time than the rest of the call (issue 10, item 6).
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _EagerAttention.apply(q, k, v, seed, causal, dropout_p, scale)
+        return _EagerAttention.apply(q, k, v, seed, causal, dropout_p, scale)[0]
     return attention_fwd(q, k, v, seed, causal, dropout_p, scale)[0]
 
 
