@@ -581,37 +581,41 @@ def _dropout_mask_kernel(
 
 # Autotune configs of each kernel, (BLOCK_M, BLOCK_N, num_warps, num_stages), with the largest BLOCK_D each takes
 # for 16-bit inputs without dropout, for 16-bit inputs with dropout, and for fp32 (0: never). The limits come from
-# compiling every config at its limit for sm_90 and sm_80 (registers, spills, shared memory): no selectable config
-# spills registers or needs more shared memory than sm_80's 163 KB. Bigger tiles at D = 128 spill (dropout's RNG
-# state and the dk/dv kernel's two fp32 accumulators need the registers); fp32 takes the one smallest tile.
+# compiling every config at its limit for sm_90 and sm_80 with Triton 3.9 (registers, spills, shared memory): no
+# selectable config spills registers or needs more shared memory than sm_80's 163 KB. Past these limits the tiles
+# spill: dropout's RNG and the dk/dv kernel's two fp32 accumulators take registers, and fp32 without TF32 (FMA dots
+# that hold whole rows of both operands) takes so many that it gets its own small tile with room for D = 128.
 _CONFIGS = {
     "fwd": {
         (128, 64, 8, 3): (128, 64, 0),  # FA2's forward tile
-        (128, 128, 8, 2): (64, 0, 0),  # spills with dropout on sm_80
+        (128, 128, 8, 2): (64, 0, 0),
         (128, 32, 8, 3): (128, 128, 0),
         (64, 64, 4, 3): (128, 64, 0),
         (64, 32, 4, 3): (128, 128, 0),
-        (16, 64, 4, 3): (128, 128, 128),  # decoding (Tq = 1) and fp32
-        (16, 128, 4, 2): (128, 128, 0),
+        (16, 64, 4, 3): (128, 128, 0),  # decoding (Tq = 1)
+        (16, 128, 4, 2): (128, 64, 0),
+        (16, 32, 8, 2): (0, 0, 128),  # fp32
     },
     "dq": {
-        (128, 64, 8, 3): (128, 64, 0),
+        (128, 64, 8, 3): (64, 64, 0),
         (128, 32, 8, 3): (128, 128, 0),
         (64, 64, 4, 3): (128, 64, 0),
-        (64, 32, 4, 3): (128, 128, 128),
+        (64, 32, 4, 3): (128, 128, 0),
+        (16, 32, 4, 2): (0, 0, 128),  # fp32
     },
     "dkdv": {
-        (32, 128, 8, 3): (128, 64, 0),
-        (64, 128, 8, 3): (128, 0, 0),
-        (64, 64, 8, 3): (128, 64, 0),
+        (32, 128, 8, 3): (64, 64, 0),
+        (64, 64, 8, 3): (128, 0, 0),
         (32, 64, 4, 3): (128, 64, 0),
         (16, 64, 4, 2): (128, 128, 0),
-        (16, 32, 4, 2): (128, 128, 128),
+        (16, 32, 4, 2): (128, 128, 0),
+        (16, 16, 4, 2): (0, 0, 128),  # fp32
     },
     "split": {
-        (16, 32, 4, 3): (128, 128, 128),
+        (16, 32, 4, 3): (128, 128, 0),
         (16, 64, 4, 3): (128, 128, 0),
         (16, 128, 4, 2): (128, 128, 0),
+        (16, 16, 4, 2): (0, 0, 128),  # fp32
     },
 }
 _SMALL_PROBLEM = 256 * 256  # Tq * Tk up to this: the smallest tile, without benchmarking
