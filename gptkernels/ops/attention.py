@@ -793,12 +793,11 @@ def attention_fwd(
     _check_seed(seed, q, dropout_p)
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    device = q.device
-    o = torch.empty((B, H, Tq, D), dtype=q.dtype, device=device)
-    lse = torch.empty((B, H, Tq), dtype=torch.float32, device=device)
+    o = q.new_empty((B, H, Tq, D))
+    lse = q.new_empty((B, H, Tq), dtype=torch.float32)
     meta = _meta(q, k, causal, dropout_p)
     seed_ptr = seed if seed is not None else lse  # not read without dropout
-    splits, split = (1, Tk) if Tq > _SPLIT_MAX_TQ or (causal and Tq > 1) else _kv_splits(B * H, Tk, _sm_count(device))
+    splits, split = (1, Tk) if Tq > _SPLIT_MAX_TQ or (causal and Tq > 1) else _kv_splits(B * H, Tk, _sm_count(q.device))
     if splits > 1:  # every query sees every key: split them across programs, then merge
         o_part = torch.empty((splits, B * H, Tq, meta["BLOCK_D"]), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((splits, B * H, Tq), dtype=torch.float32, device=q.device)
@@ -1007,19 +1006,18 @@ def _span(t: torch.Tensor) -> int:
 
 
 def _small_storage(t: torch.Tensor) -> bool:
-    """A tensor whose whole storage holds < 2**31 elements spans less than that (cheaper than :func:`_span`)."""
-    if torch.compiler.is_compiling():  # dynamo cannot trace storage sizes
-        return False
+    """A tensor whose whole storage holds < 2**31 elements spans less than that (cheaper than :func:`_span`; not
+    traceable by dynamo)."""
     return t.untyped_storage().nbytes() < _MAX_SPAN * t.element_size()
 
 
-def _kernel_cannot_take(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+def _kernel_cannot_take(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, compiling: bool = False) -> str | None:
     """Why the Triton kernel cannot take these (valid) inputs, or None when it can: where ``auto`` falls back."""
     _, _, tq, d = q.shape
     if not _MIN_HEAD_DIM <= d <= _MAX_HEAD_DIM:
         return f"the Triton kernel supports head sizes D in [{_MIN_HEAD_DIM}, {_MAX_HEAD_DIM}], got D={d}"
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not _small_storage(t) and _span(t) >= _MAX_SPAN:
+        if (compiling or not _small_storage(t)) and _span(t) >= _MAX_SPAN:
             return f"{name} spans {_span(t)} elements inside one head; the kernel needs < 2**31"
     tk = k.shape[2]
     if max(tq, tk) * d >= _MAX_SPAN:  # the contiguous outputs o, dq, dk, dv
@@ -1027,10 +1025,10 @@ def _kernel_cannot_take(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> st
     return None
 
 
-def _use_triton(device: torch.device, backend: str | None) -> bool:
+def _use_triton(device: torch.device, backend: str | None, compiling: bool) -> bool:
     """``use_triton`` for this op, cached: it reads the environment and imports on every call (a fifth of the
     host time of a small attention call). The cache key holds GPTKERNELS_BACKEND, so changing it still counts."""
-    if torch.compiler.is_compiling():  # traced once, the cache would only stand in dynamo's way
+    if compiling:  # traced once, the cache would only stand in dynamo's way
         return use_triton("attention", device, backend)
     return _use_triton_for(device, backend, os.environ.get("GPTKERNELS_BACKEND"))
 
@@ -1071,28 +1069,30 @@ def _interpreter_bf16(q: torch.Tensor, backend: str | None) -> bool:
 
 
 class _EagerAttention(torch.autograd.Function):
-    """The custom op's forward and backward without its dispatch, for eager calls on plain tensors."""
+    """The custom op's forward and backward without its dispatch, for eager calls on plain tensors. The old-style
+    ``forward(ctx, ...)``: with ``setup_context``, ``apply`` binds its arguments through ``inspect`` on every call."""
 
     @staticmethod
-    def forward(q, k, v, seed, causal: bool, dropout_p: float, scale: float):
-        return attention_fwd(q, k, v, seed, causal, dropout_p, scale)
-
-    setup_context = staticmethod(_setup_context)
+    def forward(ctx, q, k, v, seed, causal: bool, dropout_p: float, scale: float):
+        o, lse = attention_fwd(q, k, v, seed, causal, dropout_p, scale)
+        ctx.save_for_backward(q, k, v, o, lse, seed)
+        ctx.causal, ctx.dropout_p, ctx.scale = causal, dropout_p, scale
+        return o
 
     @staticmethod
-    def backward(ctx, do, _dlse):
+    def backward(ctx, do):
         q, k, v, o, lse, seed = ctx.saved_tensors
         dq, dk, dv = attention_bwd(do, q, k, v, o, lse, seed, ctx.causal, ctx.dropout_p, ctx.scale)
         return dq, dk, dv, None, None, None, None
 
 
-def _attention_triton(q, k, v, causal: bool, dropout_p: float, scale: float) -> torch.Tensor:
+def _attention_triton(q, k, v, causal: bool, dropout_p: float, scale: float, compiling: bool) -> torch.Tensor:
     seed = dropout_seed(q.device) if dropout_p > 0.0 else None
-    if torch.compiler.is_compiling() or type(q) is not torch.Tensor:  # traced, or a subclass (FakeTensor...)
+    if compiling or type(q) is not torch.Tensor:  # traced, or a subclass (FakeTensor...)
         return _attention_fwd_op(q, k, v, seed, causal, dropout_p, scale)[0]
     # Eager: the custom op's dispatch costs more host time than the rest of the call (issue 10, item 6).
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _EagerAttention.apply(q, k, v, seed, causal, dropout_p, scale)[0]
+        return _EagerAttention.apply(q, k, v, seed, causal, dropout_p, scale)
     return attention_fwd(q, k, v, seed, causal, dropout_p, scale)[0]
 
 
@@ -1126,13 +1126,14 @@ def attention(
     """
     _check_inputs(q, k, v, causal, dropout_p, scale)
     causal, dropout_p = bool(causal), float(dropout_p)
-    if _use_triton(q.device, backend):
-        reason = _kernel_cannot_take(q, k, v)
+    compiling = torch.compiler.is_compiling()
+    if _use_triton(q.device, backend, compiling):
+        reason = _kernel_cannot_take(q, k, v, compiling)
         if reason is not None:
             if _triton_requested(backend):
                 raise ValueError(f"attention: {reason} (use backend='torch' or 'auto')")
             _fall_back(reason)
         elif not _interpreter_bf16(q, backend):
             scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-            return _attention_triton(q, k, v, causal, dropout_p, scale)
+            return _attention_triton(q, k, v, causal, dropout_p, scale, compiling)
     return attention_torch(q, k, v, causal, dropout_p, scale)
