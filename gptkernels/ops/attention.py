@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +13,7 @@ import torch.nn.functional as F
 from . import _backend
 from ._backend import use_triton
 from ._triton import INTERPRETED, tl, triton
-from .utils import check_tensor, device_guard, next_power_of_2
+from .utils import FLOAT_DTYPES, check_tensor, device_guard, next_power_of_2
 
 # ---------------------------------------------------------------------------------------------------------
 # Reference
@@ -92,14 +95,54 @@ def _load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK
 
 
 @triton.jit
-def _dropout_keep(seed, bh, rows, cols, n_cols, dropout_p):
-    """Keep-mask (True = kept) of attention-matrix elements (rows, cols) of head ``bh``; rows/cols broadcast.
+def _dropout_keep(seed, bh, rows, start_n, T_K, dropout_p, BLOCK_N: tl.constexpr, KEYS_FIRST: tl.constexpr):
+    """Keep-mask (True = kept) of the attention-matrix elements (rows, keys start_n + [0, BLOCK_N)) of head bh:
+    (len(rows), BLOCK_N), or (BLOCK_N, len(rows)) when KEYS_FIRST (the dk/dv kernel's transposed tiles).
 
-    Counter-based: Philox keyed by the seed (the head folded into the key's high word) at counter
-    ``row * n_cols + col``, so the forward, the backward and the debug kernel regenerate the same mask.
+    Counter-based, so the forward, the backward and the debug kernel regenerate the same mask whatever their
+    tiles. One Philox4x32-10 call per 8 elements (a call per element, 3 of its 4 words unused, made the RNG cost
+    more than the rest of the kernel): the call keyed by (seed, head) at counter (row, key // 32 * 4 + key % 8 // 2)
+    serves the 8 keys of that row with the same counter, key j taking 16-bit half j % 2 of word j // 8 % 4. That
+    grouping matches the MMA accumulator layout, where a thread holds column pairs 8 apart, so the compiler
+    finds the 8 identical calls in one thread and makes them one. Kept when the uniform is >= round(p * 2**16):
+    the drop rate is dropout_p to within 2**-17. start_n must be a multiple of BLOCK_N.
     """
     key = seed ^ (bh.to(tl.int64) << 32)
-    return tl.rand(key, rows * n_cols + cols) >= dropout_p
+    n = tl.arange(0, BLOCK_N)
+    if BLOCK_N % 32 == 0:  # start_n is a multiple of 32: keep it out of the per-register terms
+        group = (start_n // 32 + n // 32) * 4 + n % 8 // 2
+    else:
+        n = start_n + n
+        group = n // 32 * 4 + n % 8 // 2
+    word = n // 8 % 4
+    low = n % 2 == 0
+    if KEYS_FIRST:
+        group, row, word, low = group[:, None], rows[None, :], word[:, None], low[:, None]
+    else:
+        group, row, word, low = group[None, :], rows[:, None], word[None, :], low[None, :]
+    zero = tl.zeros_like(group + row)
+    r0, r1, r2, r3 = tl.philox(key, group + zero, row + zero, zero, zero)
+    r = tl.where(word < 2, tl.where(word == 0, r0, r1), tl.where(word == 2, r2, r3))
+    # Compare in the high half (u >= t  <=>  u << 16 >= t << 16) so that neither half needs extracting.
+    t = tl.minimum(tl.cast(dropout_p * 65536.0 + 0.5, tl.uint32), 65535) << 16
+    return tl.where(low, r << 16, r) >= t
+
+
+@triton.jit
+def _program_tile(n_rows, BLOCK: tl.constexpr, LONGEST_LAST: tl.constexpr):
+    """(first row of this program's tile, batch*head index) in the 1-D grid of cdiv(n_rows, BLOCK) * B*H programs.
+
+    One grid axis, tile-major, because axes 1 and 2 stop at 65535 (B*H can exceed that) while axis 0 takes
+    2**31 - 1. With LONGEST_LAST the tiles are numbered from the end: under the causal mask the last query tiles
+    are the longest, and starting them first balances the tail of the launch.
+    """
+    n_tiles = tl.cdiv(n_rows, BLOCK)
+    n_bh = tl.num_programs(0) // n_tiles
+    pid = tl.program_id(0)
+    tile = pid // n_bh
+    if LONGEST_LAST:
+        tile = n_tiles - 1 - tile
+    return tile * BLOCK, pid % n_bh
 
 
 @triton.jit
@@ -129,7 +172,7 @@ def _attn_fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)  # normalisation before dropout, like PyTorch
         acc = acc * alpha[:, None]
         if DROPOUT:
-            p = tl.where(_dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], T_K, dropout_p), p, 0.0)
+            p = tl.where(_dropout_keep(seed, bh, offs_m, start_n, T_K, dropout_p, BLOCK_N, False), p, 0.0)
         v = _load_tile(v_base + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
                        offs_n, T_K, offs_d, HEAD_DIM, MASK, HEAD_PAD)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
@@ -151,10 +194,7 @@ def _attn_fwd_kernel(
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # Last query tiles first: under the causal mask they are the longest, and starting them early balances the
-    # tail of the launch.
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh = tl.program_id(1)
+    start_m, bh = _program_tile(T_Q, BLOCK_M, True)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     q_base = Q + b * stride_qb + h * stride_qh
@@ -207,6 +247,88 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
+def _attn_fwd_split_kernel(
+    Q, K, V, O_PART, LSE_PART, SEED,  # O_PART: (S, B*H, Tq, BLOCK_D) fp32; LSE_PART: (S, B*H, Tq) fp32, log2 units
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    H, T_Q, T_K, SPLIT,  # SPLIT: keys per split, a multiple of every BLOCK_N
+    qk_scale, dropout_p,
+    T_Q_BUCKET, T_K_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_PAD: tl.constexpr,
+    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Split-KV forward (flash-decoding) for queries that see every key (Tq = 1, or not causal): program
+    (query tile * B*H, split) attends to keys [split * SPLIT, (split + 1) * SPLIT) and writes its normalised
+    partial output and log-sum-exp; :func:`_attn_combine_kernel` merges the splits. Every split holds at least
+    one key, so no row's maximum is -inf.
+    """
+    start_m, bh = _program_tile(T_Q, BLOCK_M, False)
+    split = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                   offs_m, T_Q, offs_d, HEAD_DIM, True, HEAD_PAD)
+    if DROPOUT:
+        seed = tl.load(SEED)
+    else:
+        seed = 0
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo = split * SPLIT
+    hi = tl.minimum(lo + SPLIT, T_K)
+    full_end = lo + (hi - lo) // BLOCK_N * BLOCK_N
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, offs_m, offs_d, lo, full_end,
+        T_K, 0, qk_scale, seed, bh, dropout_p,
+        HEAD_DIM, HEAD_PAD, BLOCK_N, DOT_PRECISION, False, False, DROPOUT,
+    )
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, offs_m, offs_d, full_end, hi,
+        T_K, 0, qk_scale, seed, bh, dropout_p,
+        HEAD_DIM, HEAD_PAD, BLOCK_N, DOT_PRECISION, True, False, DROPOUT,
+    )
+    inv_l = 1.0 / l_i
+    if DROPOUT:
+        inv_l = inv_l / (1.0 - dropout_p)
+    n_bh = tl.num_programs(0) // tl.cdiv(T_Q, BLOCK_M)
+    row = (split.to(tl.int64) * n_bh + bh) * T_Q + offs_m  # (split, bh, t)
+    row_ok = offs_m < T_Q
+    tl.store(LSE_PART + row, m_i + tl.math.log2(l_i), mask=row_ok)
+    tl.store(O_PART + row[:, None] * BLOCK_D + offs_d[None, :], acc * inv_l[:, None], mask=row_ok[:, None])
+
+
+@triton.jit
+def _attn_combine_kernel(
+    O_PART, LSE_PART, O, LSE,  # partials as written by the split kernel; O (B, H, Tq, D); LSE (B, H, Tq) fp32
+    stride_ob, stride_oh, stride_ot, stride_od,
+    H, T_Q, N_ROWS, N_SPLITS,  # N_ROWS = B*H*Tq
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """o = sum_s exp(lse_s - lse) o_s with lse = logsumexp_s lse_s, for one query row (B*H*Tq programs)."""
+    row = tl.program_id(0).to(tl.int64)  # (bh, t) flattened
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < N_SPLITS
+    lse_s = tl.load(LSE_PART + offs_s * N_ROWS + row, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    w = tl.math.exp2(lse_s - m)
+    o_s = tl.load(O_PART + (offs_s[:, None] * N_ROWS + row) * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    o = tl.sum(o_s * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(LSE + row, (m + tl.math.log2(tl.sum(w, 0))) * 0.6931471805599453)
+    bh = row // T_Q
+    t = row % T_Q
+    o_ptrs = O + (bh // H) * stride_ob + (bh % H) * stride_oh + t * stride_ot + offs_d * stride_od
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+@triton.jit
 def _attn_bwd_dq_inner(
     dq, q, do, lse, delta,  # dq accumulator (BLOCK_M, BLOCK_D) fp32; the query tile's q, dO, lse (log2), delta
     k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
@@ -230,7 +352,7 @@ def _attn_bwd_dq_inner(
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], T_K, dropout_p)
+            keep = _dropout_keep(seed, bh, offs_m, start_n, T_K, dropout_p, BLOCK_N, False)
             dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
@@ -257,8 +379,7 @@ def _attn_bwd_dq_kernel(
 
     Also computes delta = rowsum(dO * O) for its query tile, which the dk/dv kernel (launched next) reads.
     """
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh = tl.program_id(1)
+    start_m, bh = _program_tile(T_Q, BLOCK_M, True)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     k_base = K + b * stride_kb + h * stride_kh
@@ -313,9 +434,10 @@ def _attn_bwd_dq_kernel(
 def _attn_bwd_dkdv_inner(
     dk, dv, k, v,  # accumulators (BLOCK_N, BLOCK_D) fp32; the key tile's k and v
     q_base, do_base, lse_base, delta_base, stride_qt, stride_qd, stride_dot, stride_dod,
-    offs_n, offs_d, lo, hi,  # key rows of the tile; query range [lo, hi) to visit
+    start_n, offs_n, offs_d, lo, hi,  # key rows of the tile (from start_n); query range [lo, hi) to visit
     T_Q, T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,  # keep_scale = 1 / (1 - dropout_p)
-    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     CHECK_M: tl.constexpr,  # bound-check the query rows (last tile, or the diagonal)
     MASK: tl.constexpr,  # apply the causal mask
     DROPOUT: tl.constexpr,
@@ -341,7 +463,7 @@ def _attn_bwd_dkdv_inner(
             pt = tl.where(offs_n[:, None] <= offs_m[None, :] + shift, pt, 0.0)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], T_K, dropout_p)
+            keep = _dropout_keep(seed, bh, offs_m, start_n, T_K, dropout_p, BLOCK_N, True)
             pzt = tl.where(keep, pt * keep_scale, 0.0)
             dpt = tl.where(keep, dpt * keep_scale, 0.0)
         else:
@@ -372,8 +494,7 @@ def _attn_bwd_dkdv_kernel(
 
     Z is the dropout mask / (1 - p) (all ones without dropout). Keys past T_K are computed but never stored.
     """
-    start_n = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1)
+    start_n, bh = _program_tile(T_K, BLOCK_N, False)  # the first key tiles are the longest under the causal mask
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     q_base = Q + b * stride_qb + h * stride_qh
@@ -404,22 +525,24 @@ def _attn_bwd_dkdv_kernel(
         mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qd, stride_dot, stride_dod,
-            offs_n, offs_d, lo, tl.minimum(mid, T_Q), T_Q, T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,
-            HEAD_DIM, HEAD_PAD, BLOCK_M, DOT_PRECISION, True, True, DROPOUT,
+            start_n, offs_n, offs_d, lo, tl.minimum(mid, T_Q),
+            T_Q, T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,
+            HEAD_DIM, HEAD_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION, True, True, DROPOUT,
         )
     else:
         mid = 0
     # Tiles every row of which sees every key of this tile: no mask, no bound check...
     dk, dv = _attn_bwd_dkdv_inner(
         dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qd, stride_dot, stride_dod,
-        offs_n, offs_d, mid, full_q_end, T_Q, T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,
-        HEAD_DIM, HEAD_PAD, BLOCK_M, DOT_PRECISION, False, False, DROPOUT,
+        start_n, offs_n, offs_d, mid, full_q_end, T_Q, T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,
+        HEAD_DIM, HEAD_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION, False, False, DROPOUT,
     )
     # ...then the last, partial query tile (if the masked loop has not covered it).
     dk, dv = _attn_bwd_dkdv_inner(
         dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qd, stride_dot, stride_dod,
-        offs_n, offs_d, tl.maximum(mid, full_q_end), T_Q, T_Q, T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,
-        HEAD_DIM, HEAD_PAD, BLOCK_M, DOT_PRECISION, True, False, DROPOUT,
+        start_n, offs_n, offs_d, tl.maximum(mid, full_q_end), T_Q,
+        T_Q, T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,
+        HEAD_DIM, HEAD_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION, True, False, DROPOUT,
     )
 
     dk = dk * sm_scale
@@ -442,11 +565,11 @@ def _dropout_mask_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Debug: write the keep-mask that the attention kernels use for this seed and shape."""
-    bh = tl.program_id(2)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m, bh = _program_tile(T_Q, BLOCK_M, False)  # grid: (query tiles * B*H, key tiles)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(tl.load(SEED), bh, offs_m[:, None], offs_n[None, :], T_K, dropout_p)
-    ptrs = MASK + bh.to(tl.int64) * T_Q * T_K + offs_m[:, None] * T_K + offs_n[None, :]
+    keep = _dropout_keep(tl.load(SEED), bh, offs_m, tl.program_id(1) * BLOCK_N, T_K, dropout_p, BLOCK_N, False)
+    ptrs = MASK + (bh.to(tl.int64) * T_Q + offs_m[:, None]) * T_K + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < T_Q) & (offs_n[None, :] < T_K))
 # fmt: on
 
@@ -456,50 +579,94 @@ def _dropout_mask_kernel(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _fwd_configs() -> list:
-    # (BLOCK_M, BLOCK_N, num_warps, num_stages). The 16-row tiles serve decoding (Tq = 1).
-    shapes = [
-        (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (128, 64, 4, 4), (128, 128, 8, 4),
-        (64, 64, 4, 3), (64, 32, 4, 4), (64, 128, 4, 3), (16, 64, 4, 3), (16, 128, 4, 3),
-    ]  # fmt: skip
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+# Autotune configs of each kernel, (BLOCK_M, BLOCK_N, num_warps, num_stages), with the largest BLOCK_D each takes
+# for 16-bit inputs without dropout, for 16-bit inputs with dropout, and for fp32 (0: never). The limits come from
+# compiling every config at its limit for sm_90 and sm_80 with Triton 3.9 (registers, spills, shared memory): no
+# selectable config spills registers or needs more shared memory than sm_80's 163 KB. Past these limits the tiles
+# spill: dropout's RNG and the dk/dv kernel's two fp32 accumulators take registers, and fp32 without TF32 (FMA dots
+# that hold whole rows of both operands) takes so many that it gets its own small tile with room for D = 128.
+_CONFIGS = {
+    "fwd": {
+        (128, 64, 8, 3): (128, 64, 0),  # FA2's forward tile
+        (128, 32, 8, 3): (128, 128, 0),
+        (64, 64, 4, 3): (128, 64, 0),
+        (64, 32, 4, 3): (128, 128, 0),
+        (16, 64, 4, 3): (128, 128, 0),  # decoding (Tq = 1)
+        (16, 128, 4, 2): (128, 64, 0),
+        (16, 32, 8, 2): (0, 0, 128),  # fp32
+    },
+    "dq": {
+        (128, 64, 8, 3): (64, 64, 0),
+        (128, 32, 8, 3): (128, 128, 0),
+        (64, 64, 4, 3): (128, 64, 0),
+        (64, 32, 4, 3): (128, 128, 0),
+        (16, 32, 4, 2): (0, 0, 128),  # fp32
+    },
+    "dkdv": {
+        (32, 128, 8, 3): (64, 64, 0),
+        (64, 64, 8, 3): (128, 0, 0),
+        (32, 64, 4, 3): (64, 64, 0),  # spills at D = 96 (padded to 128) on sm_80
+        (16, 64, 4, 2): (128, 128, 0),
+        (16, 32, 4, 2): (128, 128, 0),
+        (16, 16, 4, 2): (0, 0, 128),  # fp32
+    },
+    "split": {
+        (16, 32, 4, 3): (128, 128, 0),
+        (16, 64, 4, 3): (128, 128, 0),
+        (16, 128, 4, 2): (128, 128, 0),
+        (16, 16, 4, 2): (0, 0, 128),  # fp32
+    },
+}
+_SMALL_PROBLEM = 256 * 256  # Tq * Tk up to this: the smallest tile, without benchmarking
 
 
-def _bwd_dq_configs() -> list:
-    shapes = [
-        (128, 32, 4, 3), (128, 32, 4, 5), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 8, 4),
-        (16, 64, 4, 2),
-    ]  # fmt: skip
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+def _configs(kernel: str) -> list:
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in _CONFIGS[kernel]]
 
 
-def _bwd_dkdv_configs() -> list:
-    shapes = [
-        (32, 128, 4, 3), (32, 128, 4, 5), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4),
-        (16, 64, 4, 2), (16, 128, 4, 3),
-    ]  # fmt: skip
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+def _fits(kernel: str, config, block_d: int, dropout: bool, fp32: bool) -> bool:
+    """Whether ``config`` of ``kernel`` compiles without spills and within shared memory at this size."""
+    key = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
+    return block_d <= _CONFIGS[kernel][key][2 if fp32 else 1 if dropout else 0]
 
 
-_TUNE_KEY = ["T_Q_BUCKET", "T_K_BUCKET", "HEAD_DIM", "CAUSAL", "DROPOUT"]
+def _prune_tiles(kernel: str):
+    """Autotune pre-filter of ``kernel``'s configs.
 
-
-def _prune_tiles(bucket: str, block: str):
-    """Autotune pre-filter.
-
-    Skips configs whose row tile is longer than the rows there are (decoding's Tq = 1). Small problems
-    (Tq * Tk <= 256 * 256) and fp32 (full-precision dots: slow to compile, not a speed target) take the smallest
-    tile without benchmarking, so that test suites on a GPU do not compile every config for every shape.
+    Keeps the configs that fit the head size, dtype and dropout (:data:`_CONFIGS`), then skips those whose row tile
+    is longer than the rows there are (decoding's Tq = 1). Small problems (Tq * Tk <= 256 * 256) and fp32 (not a
+    speed target) take the smallest tile without benchmarking, so that test suites on a GPU do not compile every
+    config for every shape.
     """
+    bucket, block = ("T_K_BUCKET", "BLOCK_N") if kernel == "dkdv" else ("T_Q_BUCKET", "BLOCK_M")
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        kept = [c for c in configs if c.kwargs[block] <= args[bucket]] or configs
-        if args["Q"].dtype == torch.float32 or args["T_Q_BUCKET"] * args["T_K_BUCKET"] <= 256 * 256:
+        fp32 = args["Q"].dtype == torch.float32
+        fit = [c for c in configs if _fits(kernel, c, args["BLOCK_D"], args["DROPOUT"], fp32)]
+        kept = [c for c in fit if c.kwargs[block] <= args[bucket]] or fit
+        if fp32 or args["T_Q_BUCKET"] * args["T_K_BUCKET"] <= _SMALL_PROBLEM:
             kept = [min(kept, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
         return kept
 
     return {"early_config_prune": prune}
+
+
+def selectable_configs(kernel: str, head_dim: int, dtype: torch.dtype, dropout: bool) -> list:
+    """The configs of ``kernel`` ("fwd", "dq", "dkdv", "split") that the autotuner may pick for some lengths at
+    this head size, dtype and dropout: what an ahead-of-time compile check must compile."""
+    prune = _prune_tiles(kernel)["early_config_prune"]
+    q = torch.empty(0, dtype=dtype, device="meta")
+    block_d = max(16, next_power_of_2(head_dim))
+    picked = []
+    for tq, tk in [(16, 16), (16, 2**20), (2**20, 2**20)] + [(2**i, 2**i) for i in range(4, 12)]:
+        for c in prune(_configs(kernel), {"Q": q}, BLOCK_D=block_d, DROPOUT=dropout, T_Q_BUCKET=tq, T_K_BUCKET=tk):
+            if c not in picked:
+                picked.append(c)
+    return picked
+
+
+_TUNE_KEY = ["T_Q_BUCKET", "T_K_BUCKET", "HEAD_DIM", "CAUSAL", "DROPOUT"]
 
 
 if INTERPRETED:
@@ -508,46 +675,95 @@ if INTERPRETED:
     _attn_fwd = _attn_fwd_kernel
     _attn_bwd_dq = _attn_bwd_dq_kernel
     _attn_bwd_dkdv = _attn_bwd_dkdv_kernel
-    _INTERPRETER_TILES = {"fwd": (32, 16), "dq": (32, 16), "dkdv": (16, 32)}
+    _attn_fwd_split = _attn_fwd_split_kernel
+    _INTERPRETER_TILES = {"fwd": (32, 16), "dq": (32, 16), "dkdv": (16, 32), "split": (16, 32)}
 else:
-    _attn_fwd = triton.autotune(_fwd_configs(), key=_TUNE_KEY, prune_configs_by=_prune_tiles("T_Q_BUCKET", "BLOCK_M"))(
-        _attn_fwd_kernel
+    _attn_fwd = triton.autotune(_configs("fwd"), key=_TUNE_KEY, prune_configs_by=_prune_tiles("fwd"))(_attn_fwd_kernel)
+    _attn_bwd_dq = triton.autotune(_configs("dq"), key=_TUNE_KEY, prune_configs_by=_prune_tiles("dq"))(
+        _attn_bwd_dq_kernel
     )
-    _attn_bwd_dq = triton.autotune(
-        _bwd_dq_configs(), key=_TUNE_KEY, prune_configs_by=_prune_tiles("T_Q_BUCKET", "BLOCK_M")
-    )(_attn_bwd_dq_kernel)
-    _attn_bwd_dkdv = triton.autotune(
-        _bwd_dkdv_configs(), key=_TUNE_KEY, prune_configs_by=_prune_tiles("T_K_BUCKET", "BLOCK_N")
-    )(_attn_bwd_dkdv_kernel)
+    _attn_bwd_dkdv = triton.autotune(_configs("dkdv"), key=_TUNE_KEY, prune_configs_by=_prune_tiles("dkdv"))(
+        _attn_bwd_dkdv_kernel
+    )
+    _attn_fwd_split = triton.autotune(
+        _configs("split"),
+        key=["T_Q_BUCKET", "T_K_BUCKET", "HEAD_DIM", "DROPOUT"],
+        prune_configs_by=_prune_tiles("split"),
+    )(_attn_fwd_split_kernel)
 
 
-def _launch(kernel, which: str, n_rows: int, bh: int, args: tuple, meta: dict) -> None:
-    """Launch over (row tiles, batch*heads): fixed tiles in the interpreter, autotuned ones on the GPU."""
-    if INTERPRETED:
-        block_m, block_n = _INTERPRETER_TILES[which]
-        tile = block_m if which != "dkdv" else block_n
-        kernel[(triton.cdiv(n_rows, tile), bh)](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n)
-        return
-    row_block = "BLOCK_N" if which == "dkdv" else "BLOCK_M"
-    grid = lambda cfg: (triton.cdiv(n_rows, cfg[row_block]), bh)
+_MAX_GRID_X = 2**31 - 1  # CUDA's limit on grid axis 0 (axes 1 and 2 stop at 65535)
+
+
+def _grid(n_rows: int, tile: int, bh: int) -> tuple[int]:
+    """The 1-D grid of one program per (row tile, batch*head) that :func:`_program_tile` decodes."""
+    n = triton.cdiv(n_rows, tile) * bh
+    if n > _MAX_GRID_X:
+        raise ValueError(f"attention: {n} programs ({n_rows} rows in tiles of {tile}, B*H={bh}) exceed CUDA's grid")
+    return (n,)
+
+
+def _launch(kernel, which: str, n_rows: int, bh: int, args: tuple, meta: dict, splits: int = 1) -> None:
+    """Launch over (row tiles, batch*heads[, key splits]): fixed tiles in the interpreter, autotuned ones on the
+    GPU."""
+    extra = (splits,) if splits > 1 else ()
     with device_guard(args[0]):
-        kernel[grid](*args, **meta)
+        if INTERPRETED:
+            block_m, block_n = _INTERPRETER_TILES[which]
+            tile = block_m if which != "dkdv" else block_n
+            kernel[(*_grid(n_rows, tile, bh), *extra)](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n)
+        else:
+            row_block = "BLOCK_N" if which == "dkdv" else "BLOCK_M"
+            kernel[lambda cfg: (*_grid(n_rows, cfg[row_block], bh), *extra)](*args, **meta)
+
+
+_SPLIT_CHUNK = 128  # keys per split are a multiple of this, and so of every BLOCK_N of the split kernel
+_SPLIT_MAX_TQ = 16  # the split kernel's query tile: one tile of queries that all see every key
+_INTERPRETER_SMS = 8  # the interpreter pretends to be a small GPU, so that the tests take the split path
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _INTERPRETER_SMS
+
+
+def _kv_splits(programs: int, tk: int, n_sms: int) -> tuple[int, int]:
+    """(number of splits, keys per split) of the keys for a forward launch of ``programs`` programs.
+
+    Flash-decoding: decoding (Tq = 1) launches only B*H programs, a few SMs' worth at batch 1, each walking all Tk
+    keys; splitting the keys gives about two programs per SM, each with at least _SPLIT_CHUNK keys. (1, tk) when
+    the launch already fills the GPU or the keys are few.
+    """
+    if programs >= n_sms or tk < 2 * _SPLIT_CHUNK:
+        return 1, tk
+    want = min(triton.cdiv(2 * n_sms, programs), tk // _SPLIT_CHUNK)
+    size = triton.cdiv(triton.cdiv(tk, want), _SPLIT_CHUNK) * _SPLIT_CHUNK
+    return triton.cdiv(tk, size), size
 
 
 def _meta(q: torch.Tensor, k: torch.Tensor, causal: bool, dropout_p: float) -> dict:
-    d = q.shape[-1]
+    """The kernels' constexpr and autotune-key arguments (cached: they depend on a few integers only)."""
+    fp32_dots = q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    return _meta_for(q.shape[2], k.shape[2], q.shape[3], causal, dropout_p > 0.0, fp32_dots)
+
+
+@functools.lru_cache(maxsize=1024)
+def _meta_for(tq: int, tk: int, d: int, causal: bool, dropout: bool, fp32_dots: bool) -> dict:
     block_d = max(16, next_power_of_2(d))
     return dict(
         # At least 16, so that short lengths (decoding's Tq = 1) share one key and one integer specialisation.
-        T_Q_BUCKET=max(16, next_power_of_2(q.shape[2])),
-        T_K_BUCKET=max(16, next_power_of_2(k.shape[2])),
+        T_Q_BUCKET=max(16, next_power_of_2(tq)),
+        T_K_BUCKET=max(16, next_power_of_2(tk)),
         HEAD_DIM=d,
         BLOCK_D=block_d,
         HEAD_PAD=block_d != d,
         CAUSAL=causal,
-        DROPOUT=dropout_p > 0.0,
-        # fp32 inputs: full-precision dots (the GPU default, tf32, would miss the fp32 tolerance).
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DROPOUT=dropout,
+        # fp32 inputs: TF32 tensor cores where PyTorch's matmuls may use them (torch.backends.cuda.matmul.allow_tf32),
+        # exact fp32 otherwise (TF32 would miss the fp32 tolerance). fp16/bf16 dots ignore the setting.
+        DOT_PRECISION="ieee" if fp32_dots else "tf32",
     )
 
 
@@ -577,15 +793,32 @@ def attention_fwd(
     _check_seed(seed, q, dropout_p)
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    o = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    o = q.new_empty((B, H, Tq, D))
+    lse = q.new_empty((B, H, Tq), dtype=torch.float32)
     meta = _meta(q, k, causal, dropout_p)
-    args = (
-        q, k, v, o, lse, seed if seed is not None else lse,  # the seed pointer is not read without dropout
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        H, Tq, Tk, scale * _LOG2E, dropout_p,
-    )  # fmt: skip
-    _launch(_attn_fwd, "fwd", Tq, B * H, args, meta)
+    seed_ptr = seed if seed is not None else lse  # not read without dropout
+    splits, split = (1, Tk) if Tq > _SPLIT_MAX_TQ or (causal and Tq > 1) else _kv_splits(B * H, Tk, _sm_count(q.device))
+    if splits > 1:  # every query sees every key: split them across programs, then merge
+        o_part = torch.empty((splits, B * H, Tq, meta["BLOCK_D"]), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((splits, B * H, Tq), dtype=torch.float32, device=q.device)
+        args = (
+            q, k, v, o_part, lse_part, seed_ptr, *q.stride(), *k.stride(), *v.stride(),
+            H, Tq, Tk, split, scale * _LOG2E, dropout_p,
+        )  # fmt: skip
+        split_meta = {key: value for key, value in meta.items() if key != "CAUSAL"}
+        _launch(_attn_fwd_split, "split", Tq, B * H, args, split_meta, splits)
+        with device_guard(q):
+            _attn_combine_kernel[(B * H * Tq,)](
+                o_part, lse_part, o, lse, *o.stride(), H, Tq, B * H * Tq, splits,
+                HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_S=next_power_of_2(splits),
+            )  # fmt: skip
+        _backend.record("attention_fwd_split")
+    else:
+        args = (
+            q, k, v, o, lse, seed_ptr, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            H, Tq, Tk, scale * _LOG2E, dropout_p,
+        )  # fmt: skip
+        _launch(_attn_fwd, "fwd", Tq, B * H, args, meta)
     _backend.record("attention_fwd")
     return o, lse
 
@@ -611,6 +844,8 @@ def attention_bwd(
         dq (B, H, Tq, D), dk and dv (B, H, Tk, D), contiguous, in q's dtype.
     """
     _check_seed(seed, q, dropout_p)
+    if _span(do) >= _MAX_SPAN:  # a strange layout of the upstream gradient: copy rather than overflow
+        do = do.contiguous()
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     dq = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
@@ -655,8 +890,9 @@ def attention_dropout_mask(
     seed = seed.to(device=device, dtype=torch.int64).reshape(1)
     mask = torch.empty((B, H, Tq, Tk), dtype=torch.int8, device=device)
     block = 32
-    grid = (triton.cdiv(Tq, block), triton.cdiv(Tk, block), B * H)
-    _dropout_mask_kernel[grid](seed, mask, Tq, Tk, float(dropout_p), BLOCK_M=block, BLOCK_N=block)
+    grid = (*_grid(Tq, block, B * H), triton.cdiv(Tk, block))
+    with device_guard(mask):
+        _dropout_mask_kernel[grid](seed, mask, Tq, Tk, float(dropout_p), BLOCK_M=block, BLOCK_N=block)
     return mask.bool()
 
 
@@ -728,9 +964,17 @@ _MIN_HEAD_DIM, _MAX_HEAD_DIM = 8, 128
 def _check_inputs(q, k, v, causal: bool, dropout_p: float, scale: float | None) -> None:
     """Checks shared by both backends: the clear error at the boundary instead of a failure deep inside."""
     op = "attention"
-    check_tensor(op, "q", q, ndim=4)
-    check_tensor(op, "k", k, ndim=4, like=q)
-    check_tensor(op, "v", v, ndim=4, like=q)
+    common = (  # the usual case in one expression; check_tensor names the problem otherwise
+        type(q) is type(k) is type(v) is torch.Tensor
+        and q.dtype in FLOAT_DTYPES
+        and q.dtype == k.dtype == v.dtype
+        and q.dim() == k.dim() == v.dim() == 4
+        and q.device == k.device == v.device
+    )
+    if not common:
+        check_tensor(op, "q", q, ndim=4)
+        check_tensor(op, "k", k, ndim=4, like=q)
+        check_tensor(op, "v", v, ndim=4, like=q)
     if k.shape != v.shape:
         raise ValueError(f"{op}: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
@@ -753,22 +997,60 @@ def _check_inputs(q, k, v, causal: bool, dropout_p: float, scale: float | None) 
         raise ValueError(f"{op}: scale must be a finite float or None, got {scale!r}")
 
 
-def _check_kernel_inputs(q, k, dropout_p: float) -> None:
-    """What the Triton kernel additionally needs."""
-    op = "attention"
-    d = q.shape[-1]
+_MAX_SPAN = 2**31  # offsets inside one head are int32 in the kernels (batch and head offsets are int64)
+
+
+def _span(t: torch.Tensor) -> int:
+    """The largest element offset inside one (batch, head) slice of a (B, H, T, D) tensor."""
+    return (t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3)
+
+
+def _small_storage(t: torch.Tensor) -> bool:
+    """A tensor whose whole storage holds < 2**31 elements spans less than that (cheaper than :func:`_span`; not
+    traceable by dynamo)."""
+    return t.untyped_storage().nbytes() < _MAX_SPAN * t.element_size()
+
+
+def _kernel_cannot_take(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, compiling: bool = False) -> str | None:
+    """Why the Triton kernel cannot take these (valid) inputs, or None when it can: where ``auto`` falls back."""
+    _, _, tq, d = q.shape
     if not _MIN_HEAD_DIM <= d <= _MAX_HEAD_DIM:
-        raise ValueError(
-            f"{op}: the Triton kernel supports head sizes D in [{_MIN_HEAD_DIM}, {_MAX_HEAD_DIM}], got D={d} "
-            "(use backend='torch')"
-        )
-    # Offsets inside one head are int32 in the kernels (batch and head offsets are int64).
-    for name, t in (("q", q), ("k", k)):
-        span = (t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3)
-        if span >= 2**31:
-            raise ValueError(f"{op}: {name} spans {span} elements inside one head; the kernel needs < 2**31")
-    if dropout_p > 0.0 and (q.shape[2] + 256) * (k.shape[2] + 256) >= 2**31:
-        raise ValueError(f"{op}: dropout needs Tq * Tk < 2**31 (its counter is int32), got {q.shape[2]}, {k.shape[2]}")
+        return f"the Triton kernel supports head sizes D in [{_MIN_HEAD_DIM}, {_MAX_HEAD_DIM}], got D={d}"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if (compiling or not _small_storage(t)) and _span(t) >= _MAX_SPAN:
+            return f"{name} spans {_span(t)} elements inside one head; the kernel needs < 2**31"
+    tk = k.shape[2]
+    if max(tq, tk) * d >= _MAX_SPAN:  # the contiguous outputs o, dq, dk, dv
+        return f"T * D must be < 2**31 inside one head, got Tq={tq}, Tk={tk}, D={d}"
+    return None
+
+
+def _use_triton(device: torch.device, backend: str | None, compiling: bool) -> bool:
+    """``use_triton`` for this op, cached: it reads the environment and imports on every call (a fifth of the
+    host time of a small attention call). The cache key holds GPTKERNELS_BACKEND, so changing it still counts."""
+    if compiling:  # traced once, the cache would only stand in dynamo's way
+        return use_triton("attention", device, backend)
+    return _use_triton_for(device, backend, os.environ.get("GPTKERNELS_BACKEND"))
+
+
+@functools.lru_cache(maxsize=64)
+def _use_triton_for(device: torch.device, backend: str | None, _env: str | None) -> bool:
+    return use_triton("attention", device, backend)
+
+
+def _triton_requested(backend: str | None) -> bool:
+    """True when the caller (or GPTKERNELS_BACKEND) asked for the kernel explicitly: refuse instead of falling back."""
+    return (backend if backend not in (None, "auto") else _backend.env_backend()) == "triton"
+
+
+_NOTICED: set[str] = set()
+
+
+def _fall_back(reason: str) -> None:
+    """The ``auto`` backend takes the PyTorch path for inputs the kernel cannot take: say so once per reason."""
+    if reason not in _NOTICED:
+        _NOTICED.add(reason)
+        warnings.warn(f"attention: {reason}; using the PyTorch path", stacklevel=3)
 
 
 def _interpreter_bf16(q: torch.Tensor, backend: str | None) -> bool:
@@ -776,9 +1058,9 @@ def _interpreter_bf16(q: torch.Tensor, backend: str | None) -> bool:
 
     The interpreter computes ``tl.dot`` on bfloat16 wrongly (Triton 3.9), so ``auto`` takes the PyTorch path.
     """
-    if not (INTERPRETED and q.device.type == "cpu" and q.dtype == torch.bfloat16):
+    if not (INTERPRETED and q.dtype == torch.bfloat16 and q.device.type == "cpu"):
         return False
-    if (backend if backend not in (None, "auto") else _backend.env_backend()) == "triton":
+    if _triton_requested(backend):
         raise RuntimeError(
             "attention: Triton's CPU interpreter computes tl.dot on bfloat16 wrongly; use float32/float16, "
             "backend='torch' or a GPU"
@@ -786,11 +1068,32 @@ def _interpreter_bf16(q: torch.Tensor, backend: str | None) -> bool:
     return True
 
 
-def _attention_triton(q, k, v, causal: bool, dropout_p: float, scale: float) -> torch.Tensor:
-    _check_kernel_inputs(q, k, dropout_p)
+class _EagerAttention(torch.autograd.Function):
+    """The custom op's forward and backward without its dispatch, for eager calls on plain tensors. The old-style
+    ``forward(ctx, ...)``: with ``setup_context``, ``apply`` binds its arguments through ``inspect`` on every call."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, seed, causal: bool, dropout_p: float, scale: float):
+        o, lse = attention_fwd(q, k, v, seed, causal, dropout_p, scale)
+        ctx.save_for_backward(q, k, v, o, lse, seed)
+        ctx.causal, ctx.dropout_p, ctx.scale = causal, dropout_p, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, seed = ctx.saved_tensors
+        dq, dk, dv = attention_bwd(do, q, k, v, o, lse, seed, ctx.causal, ctx.dropout_p, ctx.scale)
+        return dq, dk, dv, None, None, None, None
+
+
+def _attention_triton(q, k, v, causal: bool, dropout_p: float, scale: float, compiling: bool) -> torch.Tensor:
     seed = dropout_seed(q.device) if dropout_p > 0.0 else None
-    o, _ = _attention_fwd_op(q, k, v, seed, causal, dropout_p, scale)
-    return o
+    if compiling or type(q) is not torch.Tensor:  # traced, or a subclass (FakeTensor...)
+        return _attention_fwd_op(q, k, v, seed, causal, dropout_p, scale)[0]
+    # Eager: the custom op's dispatch costs more host time than the rest of the call (issue 10, item 6).
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _EagerAttention.apply(q, k, v, seed, causal, dropout_p, scale)
+    return attention_fwd(q, k, v, seed, causal, dropout_p, scale)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -816,13 +1119,21 @@ def attention(
             draws its seed from torch's RNG, so ``torch.manual_seed`` reproduces it.
         scale: softmax scale, default 1/sqrt(D).
         backend: "auto" | "triton" | "torch" or None (the ``GPTKERNELS_BACKEND`` default). The Triton kernel
-            takes fp32/fp16/bf16 and head sizes 8 to 128, and any strides.
+            takes fp32/fp16/bf16 and head sizes 8 to 128, and any strides; for other inputs "auto" takes the
+            PyTorch path (with one warning per reason) and "triton" raises ``ValueError``.
     Returns:
         (B, H, Tq, D), the dtype of ``q``.
     """
     _check_inputs(q, k, v, causal, dropout_p, scale)
     causal, dropout_p = bool(causal), float(dropout_p)
-    if use_triton("attention", q.device, backend) and not _interpreter_bf16(q, backend):
-        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-        return _attention_triton(q, k, v, causal, dropout_p, scale)
+    compiling = torch.compiler.is_compiling()
+    if _use_triton(q.device, backend, compiling):
+        reason = _kernel_cannot_take(q, k, v, compiling)
+        if reason is not None:
+            if _triton_requested(backend):
+                raise ValueError(f"attention: {reason} (use backend='torch' or 'auto')")
+            _fall_back(reason)
+        elif not _interpreter_bf16(q, backend):
+            scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+            return _attention_triton(q, k, v, causal, dropout_p, scale, compiling)
     return attention_torch(q, k, v, causal, dropout_p, scale)
