@@ -74,13 +74,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_vocab(model, tokenizer)
     from .sampling import extension_status
 
-    print(f"sampling: {extension_status()}", file=sys.stderr, flush=True)  # which op draws the tokens
+    started = False
 
     def on_text(piece: str) -> None:
+        nonlocal started
+        if not started:  # the prompt was accepted: say which op samples, then echo the prompt
+            started = True
+            print(f"sampling: {extension_status()}", file=sys.stderr, flush=True)
+            sys.stdout.write(args.prompt)
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    on_text(args.prompt)
     generate_text(
         model,
         args.prompt,
@@ -95,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
     )
-    on_text("\n")
+    on_text("\n")  # the prompt too, when no token was generated
     return 0
 
 
