@@ -4,9 +4,11 @@ one-line errors with exit status 2 instead of tracebacks, and the ``--device`` c
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 
@@ -51,6 +53,19 @@ def cli_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
         print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code or 0)
+
+
+def read_structured_file(path: Path) -> Any:
+    """The contents of a YAML (``.yaml``/``.yml``) or JSON file; ``ValueError("cannot parse: ...")`` if malformed."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            return yaml.safe_load(text)
+        return json.loads(text)
+    except Exception as e:
+        raise ValueError(f"cannot parse: {' '.join(str(e).split())}") from None
 
 
 def _one_line(e: BaseException) -> str:

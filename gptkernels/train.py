@@ -67,7 +67,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .cli import OneLineErrorParser, UsageError, cli_main
+from .cli import OneLineErrorParser, UsageError, cli_main, read_structured_file
 from .config import PRESETS
 from .training.config import CHOICES, MODEL_KEYS, TrainConfig, coerce_dict, defaults, parse_int
 from .training.loop import TrainingDiverged, TrainingInterrupted, run_training
@@ -222,22 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_config_file(path: str) -> dict[str, Any]:
     """The options of a JSON or YAML file, coerced and checked like the command line's."""
-    import json
     from pathlib import Path
 
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"--config {path}: no such file")
-    text = p.read_text(encoding="utf-8")
     try:
-        if p.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            raw = yaml.safe_load(text)
-        else:
-            raw = json.loads(text)
-    except Exception as e:
-        raise UsageError(f"--config {path}: cannot parse: {' '.join(str(e).split())}") from None
+        raw = read_structured_file(p)
+    except ValueError as e:
+        raise UsageError(f"--config {path}: {e}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

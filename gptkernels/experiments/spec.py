@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import re
 from pathlib import Path
 from typing import Any
+
+from ..cli import read_structured_file
 
 # Options that belong to the runner, not to a run: it sets them for every run itself.
 RUNNER_OPTIONS = ("out_dir", "resume", "overwrite", "config")
@@ -117,16 +118,10 @@ def load_experiment(path: str | Path) -> Experiment:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"no experiment file {p}")
-    text = p.read_text(encoding="utf-8")
     try:
-        if p.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            raw = yaml.safe_load(text)
-        else:
-            raw = json.loads(text)
-    except Exception as e:
-        raise ValueError(f"{p}: cannot parse: {' '.join(str(e).split())}") from None
+        raw = read_structured_file(p)
+    except ValueError as e:
+        raise ValueError(f"{p}: {e}") from None
     try:
         return parse_experiment(raw, default_name=p.stem)
     except ValueError as e:
