@@ -344,12 +344,14 @@ def test_autotune_keeps_configs_that_fit():
 def test_autotune_configs_take_the_whole_register_budget():
     """The AOT check (benchmarks/aot_check.py --full): without maxnreg ptxas settled for 64-168 registers on some
     tiles and spilled 8-24 B a thread; and dq's 16 x 32 fp32 tile spilled 240 B at D = 128 on sm_90 even at 255."""
-    from gptkernels.ops.attention import _CONFIGS, _configs, selectable_configs
+    from gptkernels.ops.attention import _CONFIGS, _PTXAS_CHOOSES_REGISTERS, _configs, selectable_configs
     from gptkernels.ops.utils import max_registers
 
     for kernel in _CONFIGS:
         for c in _configs(kernel):
-            assert c.maxnreg == max_registers(c.num_warps), (kernel, c)
+            shape = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+            if (kernel, shape) not in _PTXAS_CHOOSES_REGISTERS:
+                assert c.maxnreg == max_registers(c.num_warps), (kernel, c)
     for dropout in (False, True):
         (dq,) = selectable_configs("dq", 128, torch.float32, dropout)
         assert (dq.kwargs["BLOCK_M"], dq.kwargs["BLOCK_N"]) == (16, 16)

@@ -617,14 +617,29 @@ _CONFIGS = {
         (16, 16, 4, 2): (0, 0, 128),  # fp32
     },
 }
+# Tiles that spill more with maxnreg = 255 than without it (sm_80 fwd 128 x 64 and 128 x 32 at D = 128,
+# 64 x 64 fwd and dq at D = 64, dkdv's fp32 tile at D = 128 with dropout: 8-56 B at 255 registers).
+_PTXAS_CHOOSES_REGISTERS = {
+    ("fwd", (128, 64, 8, 3)),
+    ("fwd", (128, 32, 8, 3)),
+    ("fwd", (64, 64, 4, 3)),
+    ("dq", (64, 64, 4, 3)),
+    ("dkdv", (16, 16, 4, 2)),
+}
 _SMALL_PROBLEM = 256 * 256  # Tq * Tk up to this: the smallest tile, without benchmarking
 
 
 def _configs(kernel: str) -> list:
     # maxnreg at the whole per-thread budget: without it ptxas settles for a low register target on some tiles
-    # (64-168 registers) and spills 8-24 bytes a thread (Triton 3.9, sm_80 and sm_90).
+    # (64-168 registers) and spills 8-24 bytes a thread (Triton 3.9, sm_80 and sm_90). Not on the tiles of
+    # _PTXAS_CHOOSES_REGISTERS, where it spills more than without (aot_check --full, Triton 3.9).
     return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, maxnreg=max_registers(w))
+        triton.Config(
+            {"BLOCK_M": m, "BLOCK_N": n},
+            num_warps=w,
+            num_stages=s,
+            maxnreg=None if (kernel, (m, n, w, s)) in _PTXAS_CHOOSES_REGISTERS else max_registers(w),
+        )
         for m, n, w, s in _CONFIGS[kernel]
     ]
 
