@@ -618,7 +618,9 @@ _CONFIGS = {
     },
 }
 # Tiles that spill more with maxnreg = 255 than without it (sm_80 fwd 128 x 64 and 128 x 32 at D = 128,
-# 64 x 64 fwd and dq at D = 64, dkdv's fp32 tile at D = 128 with dropout: 8-56 B at 255 registers).
+# 64 x 64 fwd and dq at D = 64, dkdv's fp32 tile at D = 128 with dropout: 8-56 B at 255 registers). Without it
+# three of them still spill 8-24 B at small D (64-128 registers; aot_check --full: 6 variants on sm_80, 2 on
+# sm_90): a maxnreg by head size would need a config per D range.
 _PTXAS_CHOOSES_REGISTERS = {
     ("fwd", (128, 64, 8, 3)),
     ("fwd", (128, 32, 8, 3)),
