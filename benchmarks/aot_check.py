@@ -68,11 +68,15 @@ def attention_cases(full: bool) -> list[dict]:
     The CI subset compiles every config once per arch at its worst key: fp16 at Tq = Tk = 1024 (every tile passes
     the prune; bf16 compiles to the same code shape) with D = 128 and dropout (the most registers and shared
     memory); plus fp32 (which always takes the smallest tile; fp32 tiles need the most shared memory) and
-    decoding (Tq = 1, only the short row tiles) at D = 128. ``full`` covers every head size, dtype and length.
+    decoding (Tq = 1, only the short row tiles) at D = 128. Some limits of ``_CONFIGS`` depend on D (tiles
+    dropped at D = 128 come back at D = 64), so D = 64 with and without dropout too, in bf16: the benchmarks' keys
+    (``bench_cases``). ``full`` covers every head size, dtype and length.
     """
     if not full:
         return [
             dict(op="attention", dtype="float16", D=128, Tq=1024, Tk=1024, dropout=True),
+            dict(op="attention", dtype="bfloat16", D=64, Tq=1024, Tk=1024, dropout=False),
+            dict(op="attention", dtype="bfloat16", D=64, Tq=1024, Tk=1024, dropout=True),
             dict(op="attention", dtype="float32", D=128, Tq=1024, Tk=1024, dropout=True),
             dict(op="attention", dtype="float16", D=128, Tq=1, Tk=1024, dropout=False),
             dict(op="attention_dropout_mask", Tq=256, Tk=256),

@@ -67,6 +67,9 @@ def test_ci_subset_keeps_every_config_at_its_worst_key():
     assert any(c["op"] == "attention" and c["D"] == 128 and c["dropout"] and c["Tq"] == 1024 for c in cases)
     assert any(c["op"] == "attention" and c["dtype"] == "float32" for c in cases)
     assert any(c["op"] == "attention" and c["Tq"] == 1 for c in cases)
+    # The tiles dropped at D = 128 (limits by D in attention._CONFIGS), with and without dropout.
+    d64 = {c["dropout"] for c in cases if c["op"] == "attention" and c["D"] == 64 and c["Tq"] == 1024}
+    assert d64 == {False, True}
     full = aot_check.attention_cases(full=True)
     assert {c["D"] for c in full if c["op"] == "attention"} == set(aot_check.HEAD_DIMS)
 

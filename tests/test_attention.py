@@ -341,6 +341,22 @@ def test_autotune_keeps_configs_that_fit():
     assert (128, 64, 8, 3) in shapes(selectable_configs("fwd", 64, torch.float16, True))  # FA2's tile stays
 
 
+def test_autotune_configs_take_the_whole_register_budget():
+    """The AOT check (benchmarks/aot_check.py --full): without maxnreg ptxas settled for 64-168 registers on some
+    tiles and spilled 8-24 B a thread; and dq's 16 x 32 fp32 tile spilled 240 B at D = 128 on sm_90 even at 255."""
+    from gptkernels.ops.attention import _CONFIGS, _PTXAS_CHOOSES_REGISTERS, _configs, selectable_configs
+    from gptkernels.ops.utils import max_registers
+
+    for kernel in _CONFIGS:
+        for c in _configs(kernel):
+            shape = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+            if (kernel, shape) not in _PTXAS_CHOOSES_REGISTERS:
+                assert c.maxnreg == max_registers(c.num_warps), (kernel, c)
+    for dropout in (False, True):
+        (dq,) = selectable_configs("dq", 128, torch.float32, dropout)
+        assert (dq.kwargs["BLOCK_M"], dq.kwargs["BLOCK_N"]) == (16, 16)
+
+
 def test_bf16_in_the_interpreter_is_refused_or_falls_back(device):
     if device != "cpu":
         pytest.skip("the interpreter's bf16 tl.dot problem exists on the CPU only")

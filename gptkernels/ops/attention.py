@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from . import _backend
 from ._backend import use_triton
 from ._triton import INTERPRETED, tl, triton
-from .utils import FLOAT_DTYPES, check_tensor, device_guard, next_power_of_2
+from .utils import FLOAT_DTYPES, check_tensor, device_guard, max_registers, next_power_of_2
 
 # ---------------------------------------------------------------------------------------------------------
 # Reference
@@ -600,7 +600,7 @@ _CONFIGS = {
         (128, 32, 8, 3): (128, 128, 0),
         (64, 64, 4, 3): (128, 64, 0),
         (64, 32, 4, 3): (128, 128, 0),
-        (16, 32, 4, 2): (0, 0, 128),  # fp32
+        (16, 16, 4, 2): (0, 0, 128),  # fp32 (16 x 32 spills 240 B at D = 128 on sm_90)
     },
     "dkdv": {
         (32, 128, 8, 3): (64, 64, 0),
@@ -617,11 +617,33 @@ _CONFIGS = {
         (16, 16, 4, 2): (0, 0, 128),  # fp32
     },
 }
+# Tiles that spill more with maxnreg = 255 than without it (sm_80 fwd 128 x 64 and 128 x 32 at D = 128,
+# 64 x 64 fwd and dq at D = 64, dkdv's fp32 tile at D = 128 with dropout: 8-56 B at 255 registers). Without it
+# three of them still spill 8-24 B at small D (64-128 registers; aot_check --full: 6 variants on sm_80, 2 on
+# sm_90): a maxnreg by head size would need a config per D range.
+_PTXAS_CHOOSES_REGISTERS = {
+    ("fwd", (128, 64, 8, 3)),
+    ("fwd", (128, 32, 8, 3)),
+    ("fwd", (64, 64, 4, 3)),
+    ("dq", (64, 64, 4, 3)),
+    ("dkdv", (16, 16, 4, 2)),
+}
 _SMALL_PROBLEM = 256 * 256  # Tq * Tk up to this: the smallest tile, without benchmarking
 
 
 def _configs(kernel: str) -> list:
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in _CONFIGS[kernel]]
+    # maxnreg at the whole per-thread budget: without it ptxas settles for a low register target on some tiles
+    # (64-168 registers) and spills 8-24 bytes a thread (Triton 3.9, sm_80 and sm_90). Not on the tiles of
+    # _PTXAS_CHOOSES_REGISTERS, where it spills more than without (aot_check --full, Triton 3.9).
+    return [
+        triton.Config(
+            {"BLOCK_M": m, "BLOCK_N": n},
+            num_warps=w,
+            num_stages=s,
+            maxnreg=None if (kernel, (m, n, w, s)) in _PTXAS_CHOOSES_REGISTERS else max_registers(w),
+        )
+        for m, n, w, s in _CONFIGS[kernel]
+    ]
 
 
 def _fits(kernel: str, config, block_d: int, dropout: bool, fp32: bool) -> bool:
