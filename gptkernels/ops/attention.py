@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import warnings
 
 import torch
@@ -1047,19 +1046,6 @@ def _kernel_cannot_take(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, compi
     return None
 
 
-def _use_triton(device: torch.device, backend: str | None, compiling: bool) -> bool:
-    """``use_triton`` for this op, cached: it reads the environment and imports on every call (a fifth of the
-    host time of a small attention call). The cache key holds GPTKERNELS_BACKEND, so changing it still counts."""
-    if compiling:  # traced once, the cache would only stand in dynamo's way
-        return use_triton("attention", device, backend)
-    return _use_triton_for(device, backend, os.environ.get("GPTKERNELS_BACKEND"))
-
-
-@functools.lru_cache(maxsize=64)
-def _use_triton_for(device: torch.device, backend: str | None, _env: str | None) -> bool:
-    return use_triton("attention", device, backend)
-
-
 def _triton_requested(backend: str | None) -> bool:
     """True when the caller (or GPTKERNELS_BACKEND) asked for the kernel explicitly: refuse instead of falling back."""
     return (backend if backend not in (None, "auto") else _backend.env_backend()) == "triton"
@@ -1149,7 +1135,7 @@ def attention(
     _check_inputs(q, k, v, causal, dropout_p, scale)
     causal, dropout_p = bool(causal), float(dropout_p)
     compiling = torch.compiler.is_compiling()
-    if _use_triton(q.device, backend, compiling):
+    if use_triton("attention", q.device, backend):
         reason = _kernel_cannot_take(q, k, v, compiling)
         if reason is not None:
             if _triton_requested(backend):
