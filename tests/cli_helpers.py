@@ -8,6 +8,7 @@ uses them as if they were defined in that module.
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,23 @@ def one_thread():
 def small_corpus(tmp_path_factory) -> Path:
     """The corpus of :func:`write_small_corpus`, once per test module; tests ask for it as ``corpus``."""
     return write_small_corpus(tmp_path_factory.mktemp("corpus") / "small.txt")
+
+
+def start_and_wait_for_checkpoint(args: list[str], out: Path) -> subprocess.Popen:
+    """Start ``python -m gptkernels.train *args`` (from ``out``'s parent) and return once ``out`` has a checkpoint."""
+    from gptkernels.checkpoint import latest_checkpoint
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptkernels.train", *args],
+        cwd=out.parent,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while latest_checkpoint(out) is None:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    return proc

@@ -10,7 +10,6 @@ import math
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,13 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from gptkernels import GPT, GPTConfig
-from gptkernels.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from gptkernels.checkpoint import list_checkpoints, load_checkpoint
 from gptkernels.cli import UsageError
 from gptkernels.evaluate import evaluate_tokens, window_starts
 from gptkernels.plotting import read_metrics
 from gptkernels.train import DEFAULTS, default_eval_steps, effective_warmup, lr_factor, resolve_options
 
-from .cli_helpers import SMALL, cli_env, one_thread, run_cli, small_corpus  # noqa: F401 (fixtures: found by name)
+from .cli_helpers import SMALL, cli_env, one_thread, run_cli, small_corpus, start_and_wait_for_checkpoint  # noqa: F401 (fixtures: found by name)
 
 TRAIN_KEYS = {"step", "tokens", "train_loss", "ppl", "lr", "grad_norm", "tokens_per_s"}
 
@@ -156,23 +155,6 @@ def uninterrupted(corpus, tmp_path_factory):
     return read_metrics(out / "metrics.jsonl")
 
 
-def _start_and_wait_for_checkpoint(args: list[str], out: Path) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gptkernels.train", *args],
-        cwd=out.parent,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 120
-    while latest_checkpoint(out) is None:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.01)
-    return proc
-
-
 def _assert_same_metrics(resumed: list[dict], straight: list[dict]) -> None:
     assert [r["step"] for r in resumed] == [r["step"] for r in straight]  # every step exactly once
     for a, b in zip(resumed, straight):
@@ -183,7 +165,7 @@ def _assert_same_metrics(resumed: list[dict], straight: list[dict]) -> None:
 def test_resume_after_sigkill_equals_uninterrupted_run(corpus, uninterrupted, tmp_path):
     out = tmp_path / "run"
     args = resume_args(corpus, out)
-    proc = _start_and_wait_for_checkpoint(args, out)
+    proc = start_and_wait_for_checkpoint(args, out)
     proc.send_signal(signal.SIGKILL)  # at any moment, possibly in the middle of writing the next checkpoint
     proc.communicate()
     killed_at = load_checkpoint(out)["step"]
@@ -197,7 +179,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(corpus, uninterrupted, tm
 
 def test_sigint_saves_a_checkpoint_and_exits_130_and_resume_matches(corpus, uninterrupted, tmp_path):
     out = tmp_path / "run"
-    proc = _start_and_wait_for_checkpoint(resume_args(corpus, out), out)
+    proc = start_and_wait_for_checkpoint(resume_args(corpus, out), out)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     if proc.returncode == 0:

@@ -4,21 +4,18 @@ non-finite parameters never saved, a failed write (exit 3)."""
 
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from gptkernels.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from gptkernels.checkpoint import list_checkpoints, load_checkpoint
 from gptkernels.cli import OutputWriteError, UsageError
 from gptkernels.plotting import read_metrics
 from gptkernels.training import TrainConfig, TrainingDiverged, train
 from gptkernels.training.outdir import OutDirLock
 
-from .cli_helpers import SMALL, cli_env, one_thread, run_cli, small_corpus  # noqa: F401 (fixtures: found by name)
+from .cli_helpers import SMALL, cli_env, one_thread, run_cli, small_corpus, start_and_wait_for_checkpoint  # noqa: F401 (fixtures: found by name)
 
 FAST = ["--tokenizer", "char", "--sample-tokens", "0", "--log-steps", "1"]
 
@@ -118,19 +115,7 @@ def test_second_ctrl_c_waits_for_the_checkpoint(corpus, tmp_path):
     # Steps of about a second on one thread, so that the second Ctrl-C lands while the step is still running.
     args = [*fast_args(corpus, out), "--emb-dim", "256", "--n-layers", "4", "--context-length", "128"]
     args += ["--batch-size", "16", "--max-steps", "50", "--save-steps", "1", "--eval-steps", "100"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gptkernels.train", *args],
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 120
-    while latest_checkpoint(out) is None:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.01)
+    proc = start_and_wait_for_checkpoint(args, out)  # out's parent is tmp_path
     proc.send_signal(signal.SIGINT)
     lines = []
     while not any("a checkpoint will be written" in line for line in lines):  # printed at once, mid-step
