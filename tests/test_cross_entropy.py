@@ -324,3 +324,20 @@ def test_auto_falls_back_to_the_reference_for_float64(device, monkeypatch):
         torch.testing.assert_close(k, r, rtol=0, atol=0)
     with pytest.raises(TypeError, match="hidden has dtype torch.float64"):
         ops.linear_cross_entropy(hidden, weight, targets, backend="triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_uninitialised_memory_never_reaches_the_gradients(dtype, device, monkeypatch):
+    """Every buffer the op allocates uninitialised must be fully written before it is read: here every
+    torch.empty is NaN-filled (PyTorch's CPU bf16 GEMM reads the logits rows' padding, times zero)."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    hidden, weight, targets = _inputs(64, 1000, 32, dtype, device)  # a shape where the CPU GEMM over-reads
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    loss, gh, gw = _run(ops.linear_cross_entropy, hidden, weight, targets, 1.0, backend="triton")
+    for name, t in (("loss", loss), ("grad_hidden", gh), ("grad_weight", gw)):
+        assert torch.isfinite(t).all(), name

@@ -244,8 +244,12 @@ def _linear_cross_entropy_fwd(
     compute_grad = need_grad_hidden or need_grad_weight
 
     rows = _chunk_rows(n, v, hidden.element_size(), chunk_rows)
-    # Reused by every chunk; rows padded to _ROW_ALIGN elements, the padding never read.
-    logits_buf = torch.empty((rows, _padded_cols(v)), dtype=hidden.dtype, device=dev)[:, :v]
+    # Reused by every chunk; rows padded to _ROW_ALIGN elements. The padding is zeroed: PyTorch's CPU bf16 GEMM
+    # reads past a row's end (multiplying it by zero), so uninitialised padding that held a NaN made a whole
+    # row of grad_hidden NaN.
+    logits_buf = torch.empty((rows, _padded_cols(v)), dtype=hidden.dtype, device=dev)
+    logits_buf[:, v:].zero_()
+    logits_buf = logits_buf[:, :v]
     weight_t = weight.t()
     for start in range(0, n, rows):
         end = min(start + rows, n)
