@@ -221,10 +221,10 @@ def test_opcheck(device):
     torch.library.opcheck(ln.layer_norm_fwd.default, (x, w, b, 1e-5))
     torch.library.opcheck(ln.layer_norm_fwd.default, (x, w, None, 1e-5))
     torch.library.opcheck(ln.add_layer_norm_fwd.default, (x, r, w, b, 1e-5))
-    _, mean, rstd = ln.layer_norm_fwd(x.detach(), w.detach(), b.detach(), 1e-5)
+    _, stats = ln.layer_norm_fwd(x.detach(), w.detach(), b.detach(), 1e-5)
     dy = torch.randn(6, n, device=device)
-    torch.library.opcheck(ln.layer_norm_bwd.default, (dy, x.detach(), w.detach(), mean, rstd, None, True))
-    torch.library.opcheck(ln.layer_norm_bwd.default, (dy, x.detach(), w.detach(), mean, rstd, dy.clone(), False))
+    torch.library.opcheck(ln.layer_norm_bwd.default, (dy, x.detach(), w.detach(), stats, None, True))
+    torch.library.opcheck(ln.layer_norm_bwd.default, (dy, x.detach(), w.detach(), stats, dy.clone(), False))
 
 
 def test_torch_compile_fullgraph(device):

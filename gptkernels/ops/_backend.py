@@ -34,10 +34,27 @@ _launches: collections.Counter[str] = collections.Counter()
 _noticed: set[tuple[str, str]] = set()
 
 
+# os.environ.get costs ~0.6 µs (it encodes the key and decodes the value on every call), a tenth of an op's
+# whole host budget: read the raw bytes of os.environ's own store when it is the real one (it is updated by
+# every os.environ write, monkeypatch.setenv included), and parse each distinct value once.
+_ENVIRON = os.environ
+_ENV_STORE = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey("GPTKERNELS_BACKEND") if hasattr(os.environ, "encodekey") else None
+_env_parsed: dict[Any, str] = {}
+
+
 def env_backend() -> str:
-    value = os.environ.get("GPTKERNELS_BACKEND", "auto").strip().lower() or "auto"
-    if value not in BACKENDS:
-        raise ValueError(f"GPTKERNELS_BACKEND must be one of {BACKENDS}, got {value!r}")
+    if os.environ is _ENVIRON and _ENV_STORE is not None and _ENV_KEY is not None:
+        raw = _ENV_STORE.get(_ENV_KEY)
+    else:
+        raw = os.environ.get("GPTKERNELS_BACKEND")
+    value = _env_parsed.get(raw)
+    if value is None:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        value = (text or "auto").strip().lower() or "auto"
+        if value not in BACKENDS:
+            raise ValueError(f"GPTKERNELS_BACKEND must be one of {BACKENDS}, got {value!r}")
+        _env_parsed[raw] = value
     return value
 
 
@@ -52,18 +69,19 @@ def interpreter_on() -> bool:
 
 def why_not_triton(device: torch.device) -> str | None:
     """The reason the Triton kernels cannot run on ``device``, or None when they can."""
+    kind = device.type  # ~0.2 µs a read: this runs on every op call
     if not triton_available():
         return "triton is not installed (it installs on Linux x86-64)"
-    if device.type == "cuda":
+    if kind == "cuda":
         return None
-    if device.type == "cpu":
+    if kind == "cpu":
         if interpreter_on():
             return None
         return (
             "tensors are on the CPU and Triton's interpreter is off "
             "(set TRITON_INTERPRET=1 before importing gptkernels to run the kernels on the CPU)"
         )
-    return f"Triton kernels do not run on device type {device.type!r}"
+    return f"Triton kernels do not run on device type {kind!r}"
 
 
 def use_triton(op: str, device: torch.device, backend: str | None = None, unsupported: str | None = None) -> bool:
@@ -73,11 +91,11 @@ def use_triton(op: str, device: torch.device, backend: str | None = None, unsupp
     With ``auto`` such an input runs the reference (one warning per op and reason); with ``triton`` this
     returns True and the kernel path's own checks raise their precise error.
     """
-    choice = backend if backend not in (None, "auto") else env_backend()
-    if choice not in BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {choice!r}")
+    choice = env_backend() if backend is None or backend == "auto" else backend
     if choice == "torch":
         return False
+    if choice not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {choice!r}")
     reason = why_not_triton(device)
     if choice == "triton":
         if reason is not None:
@@ -94,7 +112,7 @@ def use_triton(op: str, device: torch.device, backend: str | None = None, unsupp
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def _eager(t: torch.Tensor) -> bool:
+def is_eager(t: torch.Tensor) -> bool:
     """True in plain eager mode: not traced by torch.compile, no dispatch mode (make_fx, opcheck, fake
     tensors) and no torch.func transform active, and ``t`` a plain tensor (not a FakeTensor, FunctionalTensor
     or other subclass)."""
@@ -114,11 +132,21 @@ def call_op(op: Callable[..., Any], function: type[torch.autograd.Function], *ar
     backward, or the launcher alone when nothing needs a gradient: the custom op's dispatch (schema
     parsing, autograd wrapper, redispatch) costs several times what the launch itself costs on the host.
     """
-    if not _eager(args[0]):
+    if not is_eager(args[0]):
         return op(*args)
     if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
         return function.apply(*args)
     return function.outputs(*args)
+
+
+def eager_apply(function: type[torch.autograd.Function]) -> Callable[..., Any]:
+    """``function.apply`` without ``torch.autograd.Function.apply``'s Python layer, for the eager paths only.
+
+    That layer binds default arguments (only with a separate ``setup_context``), unwraps dead functorch wrappers
+    and routes functorch transforms; the eager paths have already ruled transforms out (:func:`is_eager`), and a
+    tensor leaked from one has no storage, so the launch refuses it. It costs ~1.2 µs of the ~3 µs an apply costs.
+    """
+    return super(torch.autograd.Function, function).apply  # the C++ apply of torch._C._FunctionBase
 
 
 def autograd_function(
@@ -149,7 +177,7 @@ def autograd_function(
 def eager(op: Callable[..., Any], direct: Callable[..., Any], t: torch.Tensor) -> Callable[..., Any]:
     """``direct`` (the launcher) in eager mode, else the custom op ``op`` (see :func:`call_op`): for backward
     kernels, whose autograd is handled by the caller. ``t``: one of the tensors they will be called with."""
-    return direct if _eager(t) else op
+    return direct if is_eager(t) else op
 
 
 def record(kernel: str) -> None:

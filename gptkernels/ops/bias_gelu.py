@@ -9,13 +9,24 @@ writes its column sums of dx to its own row of a (tiles_m, N) fp32 buffer, summe
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from . import _backend
-from ._backend import autograd_function, call_op, eager, use_triton
+from ._backend import eager, eager_apply, is_eager, use_triton
 from ._triton import tl, triton
-from .utils import FLOAT_DTYPES, cdiv, check_tensor, device_guard, next_power_of_2, rows_2d, unsupported_dtype
+from .utils import (
+    FLOAT_DTYPES,
+    TENSOR_TYPES,
+    cdiv,
+    check_tensor,
+    device_guard,
+    next_power_of_2,
+    rows_of,
+    unsupported_dtype,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # Reference
@@ -129,35 +140,37 @@ def _bias_gelu_bwd_kernel(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _tile_config(M: int, N: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): up to 256 columns (a warp's row of 16-byte vectors in bf16) and
-    4096 elements per tile, 32 per thread with 4 warps."""
+@functools.lru_cache(maxsize=4096)
+def _launch(M: int, N: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, row tiles, grid size): up to 256 columns (a warp's row of 16-byte vectors in
+    bf16) and 4096 elements per tile, 32 per thread with 4 warps. Worked out once per shape."""
     block_n = min(256, next_power_of_2(N))
     block_m = max(1, min(4096 // block_n, next_power_of_2(M)))
-    return block_m, block_n, 4
+    tiles_m = cdiv(M, block_m)
+    return block_m, block_n, 4, tiles_m, tiles_m * cdiv(N, block_n)
 
 
 def _bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Launch the forward kernel.
 
     Args:
-        x: (M, N) pre-activation, fp32/fp16/bf16. bias: (N,) or None.
+        x: (..., N) pre-activation, fp32/fp16/bf16, unit stride along N. bias: (N,) or None.
     Returns:
-        (M, N) gelu_tanh(x + bias) in x's dtype, contiguous.
+        gelu_tanh(x + bias) shaped like x, contiguous, in x's dtype.
     """
-    x = rows_2d("bias_gelu", "x", x)
-    M, N = x.shape
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    if M == 0 or N == 0:
-        return y
-    block_m, block_n, num_warps = _tile_config(M, N)
-    grid = (cdiv(M, block_m) * cdiv(N, block_n),)
+    shape = x.shape
+    if x.numel() == 0:
+        return torch.empty(shape, dtype=x.dtype, device=x.device)
+    x, M, stride_x = rows_of("bias_gelu", "x", x)
+    N = shape[-1]
+    y = torch.empty_like(x) if x.shape == shape else torch.empty(shape, dtype=x.dtype, device=x.device)
+    block_m, block_n, num_warps, _, grid = _launch(M, N)
     with device_guard(x):
-        _bias_gelu_fwd_kernel[grid](
+        _bias_gelu_fwd_kernel[(grid,)](
             x,
             bias if bias is not None else x,
             y,
-            x.stride(0),
+            stride_x,
             M,
             N,
             HAS_BIAS=bias is not None,
@@ -173,28 +186,29 @@ def _bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None)
     """Launch the backward kernel and reduce the per-row-tile partial sums.
 
     Args:
-        dy: (M, N) gradient of the output. x: (M, N) the forward's input. bias: (N,) or None.
+        dy: gradient of the output, shaped like x. x: (..., N) the forward's input. bias: (N,) or None.
     Returns:
-        dx (M, N) in x's dtype, dbias (N,) in bias's dtype (an empty (0,) tensor when bias is None).
+        dx shaped like x in x's dtype, dbias (N,) in bias's dtype (an empty (0,) tensor when bias is None).
     """
-    dy = rows_2d("bias_gelu_backward", "grad", dy)
-    x = rows_2d("bias_gelu_backward", "x", x)
-    M, N = x.shape
-    dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    if M == 0 or N == 0:
+    shape = x.shape
+    if x.numel() == 0:
+        dx = torch.empty(shape, dtype=x.dtype, device=x.device)
         return dx, (torch.zeros_like(bias) if bias is not None else x.new_empty(0))
-    block_m, block_n, num_warps = _tile_config(M, N)
-    tiles_m = cdiv(M, block_m)
+    x, M, stride_x = rows_of("bias_gelu_backward", "x", x)
+    dy, _, stride_dy = rows_of("bias_gelu_backward", "grad", dy)
+    N = shape[-1]
+    dx = torch.empty_like(x) if x.shape == shape else torch.empty(shape, dtype=x.dtype, device=x.device)
+    block_m, block_n, num_warps, tiles_m, grid = _launch(M, N)
     db_partial = torch.empty((tiles_m, N) if bias is not None else (0,), dtype=torch.float32, device=x.device)
     with device_guard(x):
-        _bias_gelu_bwd_kernel[(tiles_m * cdiv(N, block_n),)](
+        _bias_gelu_bwd_kernel[(grid,)](
             dy,
             x,
             bias if bias is not None else x,
             dx,
             db_partial,
-            dy.stride(0),
-            x.stride(0),
+            stride_dy,
+            stride_x,
             M,
             N,
             HAS_BIAS=bias is not None,
@@ -244,8 +258,20 @@ def _backward(ctx, dy):
 
 
 _bias_gelu_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-# The same forward/backward for eager mode without the custom op's dispatch cost (see _backend.call_op).
-_BiasGeluFunction = autograd_function("_BiasGeluFunction", _bias_gelu_fwd, _setup_context, _backward)
+
+
+class _BiasGeluFunction(torch.autograd.Function):
+    """Eager mode: the same kernels and gradients without the custom op's dispatch (see _backend.call_op)."""
+
+    @staticmethod
+    def forward(ctx, x, bias):
+        ctx.save_for_backward(x, bias)
+        return _bias_gelu_fwd(x, bias)
+
+    backward = staticmethod(_backward)
+
+
+_bias_gelu_apply = eager_apply(_BiasGeluFunction)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -253,17 +279,41 @@ _BiasGeluFunction = autograd_function("_BiasGeluFunction", _bias_gelu_fwd, _setu
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _bias_ok(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """The checks of :func:`_bias_gelu_triton` in one pass for the common case, without building messages."""
+    shape = x.shape
+    return (
+        type(x) in TENSOR_TYPES
+        and len(shape) > 0
+        and x.dtype in FLOAT_DTYPES
+        and (
+            bias is None
+            or type(bias) in TENSOR_TYPES
+            and bias.shape == shape[-1:]
+            and bias.dtype in FLOAT_DTYPES
+            and bias.device == x.device
+        )
+    )
+
+
 def _bias_gelu_triton(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    check_tensor("bias_gelu", "x", x, min_ndim=1)
+    if not _bias_ok(x, bias):
+        check_tensor("bias_gelu", "x", x, min_ndim=1)
+        if bias is not None:
+            # bias may be of another float dtype than x (an fp32 parameter with bf16 activations under autocast).
+            check_tensor("bias_gelu", "bias", bias, dtypes=FLOAT_DTYPES, ndim=1, device=x.device)
+            if bias.shape[0] != x.shape[-1]:
+                raise ValueError(
+                    f"bias_gelu: bias must have shape ({x.shape[-1]},) to match x's last dimension, "
+                    f"got {tuple(bias.shape)}"
+                )
     if bias is not None:
-        # bias may be of another float dtype than x (an fp32 parameter with bf16 activations under autocast).
-        check_tensor("bias_gelu", "bias", bias, dtypes=FLOAT_DTYPES, ndim=1, device=x.device)
-        if bias.shape[0] != x.shape[-1]:
-            raise ValueError(
-                f"bias_gelu: bias must have shape ({x.shape[-1]},) to match x's last dimension, got {tuple(bias.shape)}"
-            )
         bias = bias.contiguous()
-    return call_op(_bias_gelu_fwd_op, _BiasGeluFunction, rows_2d("bias_gelu", "x", x), bias).view(x.shape)
+    if not is_eager(x):
+        return _bias_gelu_fwd_op(x, bias)
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return _bias_gelu_apply(x, bias)
+    return _bias_gelu_fwd(x, bias)
 
 
 # ---------------------------------------------------------------------------------------------------------

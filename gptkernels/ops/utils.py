@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)  # plain tensors (``type(t) in TENSOR_TYPES``: fast checks)
 
 
 def check_tensor(
@@ -57,6 +58,16 @@ def rows_2d(op: str, name: str, x: torch.Tensor) -> torch.Tensor:
     if x.stride(-1) != 1:
         x = x.contiguous()
     return x.reshape(-1, x.shape[-1])
+
+
+def rows_of(op: str, name: str, t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(t, M, row stride) for a launch over the rows of ``t`` (..., N), N > 0: ``t`` itself when contiguous (any
+    leading shape: no reshape, whose host cost is a third of a small PyTorch op's), else its (M, N) rows view."""
+    if t.is_contiguous():
+        n = t.shape[-1]
+        return t, t.numel() // n, n
+    t = rows_2d(op, name, t)
+    return t, t.shape[0], t.stride(0)
 
 
 _NO_GUARD = contextlib.nullcontext()
