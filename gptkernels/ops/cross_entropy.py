@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
-from ._backend import autograd_function, call_op, use_triton
+from ._backend import eager_apply, is_eager, use_triton
 from ._triton import tl, triton
 from .utils import FLOAT_DTYPES, check_tensor, device_guard, row_launch, unsupported_dtype
 
@@ -52,8 +52,10 @@ def _grad_block(x, cols, target, lse, scale):
 def _cross_entropy_rows_kernel(
     logits_ptr,  # (M, V) the chunk's logits, overwritten with d(loss)/d(logits) * scale when COMPUTE_GRAD
     stride_row,  # elements between consecutive rows of logits (a multiple of 16 from the launcher: aligned rows)
-    targets_ptr,  # (M,) int64 class ids
-    loss_ptr,  # (M,) fp32 out: each row's loss, 0 for ignored rows
+    targets_ptr,  # (N,) int64 class ids of all the rows
+    rows_ptr,  # (3, N) fp32 out: each row's loss (0 if ignored), 1 if it counts, 1 if its target is out of range
+    row0,  # the chunk's first row in targets and rows
+    n_rows,  # N: elements between the rows of rows_ptr
     n_cols,  # V, the vocabulary size
     ignore_index,  # targets equal to this do not count
     COMPUTE_GRAD: tl.constexpr,  # False: loss only (no grad needed), the logits are left as they are
@@ -62,8 +64,9 @@ def _cross_entropy_rows_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
-    target = tl.load(targets_ptr + row)
+    target = tl.load(targets_ptr + row0 + row)
     valid = target != ignore_index
+    out_of_range = valid & ((target < 0) | (target >= n_cols))
     # Whole blocks load and store unmasked, so that they vectorise (rows start 16-element aligned); only the
     # last, partial block is masked.
     n_full = (n_cols // BLOCK) * BLOCK
@@ -71,7 +74,8 @@ def _cross_entropy_rows_kernel(
     tail_ok = tail < n_cols
 
     # Pass 1: online max and sum of exponentials (fp32), and the target's logit, in one read of the row.
-    # An out-of-range target matches no column (no out-of-bounds access); the launcher asserts on those.
+    # An out-of-range target matches no column (no out-of-bounds access); it is flagged, and the launcher
+    # asserts on the flags.
     m = float("-inf")
     d = 0.0
     target_logit = 0.0
@@ -83,7 +87,9 @@ def _cross_entropy_rows_kernel(
         x = tl.load(row_ptr + tail, mask=tail_ok, other=float("-inf")).to(tl.float32)
         m, d, target_logit = _lse_step(m, d, target_logit, x, tail, target)
     lse = m + tl.log(d)
-    tl.store(loss_ptr + row, tl.where(valid, lse - target_logit, 0.0))
+    tl.store(rows_ptr + row0 + row, tl.where(valid, lse - target_logit, 0.0))
+    tl.store(rows_ptr + n_rows + row0 + row, tl.where(valid, 1.0, 0.0))
+    tl.store(rows_ptr + 2 * n_rows + row0 + row, tl.where(out_of_range, 1.0, 0.0))
 
     # Pass 2: (softmax - onehot) * GRAD_SCALE over the logits, zero for an ignored row. Not yet divided by
     # the number of counted targets nor multiplied by the incoming gradient: the backward applies both.
@@ -97,6 +103,33 @@ def _cross_entropy_rows_kernel(
         if n_full < n_cols:
             x = tl.load(row_ptr + tail, mask=tail_ok, other=0.0).to(tl.float32)
             tl.store(row_ptr + tail, _grad_block(x, tail, target, lse, scale).to(out_ty), mask=tail_ok)
+
+
+@triton.jit
+def _cross_entropy_finish_kernel(
+    rows_ptr,  # (3, N) fp32 from the row kernel: losses, counted flags, out-of-range flags
+    n_rows,  # N
+    loss_ptr,  # () fp32 out: the mean loss over counted rows (0 / 0 = nan when none counts, as in PyTorch)
+    scale_ptr,  # () fp32 out: 1 / (max(counted, 1) * GRAD_SCALE), the factor the backward applies
+    ok_ptr,  # () int32 out: 1 when no counted target is out of range
+    GRAD_SCALE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program: the three sums over the rows and the scalars made of them. One launch instead of the ~10
+    small PyTorch ops (each a launch and its host cost) that the sums, the division and the checks took."""
+    loss = tl.zeros((BLOCK,), dtype=tl.float32)
+    counted = tl.zeros((BLOCK,), dtype=tl.float32)
+    bad = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, n_rows, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        ok = offs < n_rows
+        loss += tl.load(rows_ptr + offs, mask=ok, other=0.0)
+        counted += tl.load(rows_ptr + n_rows + offs, mask=ok, other=0.0)
+        bad += tl.load(rows_ptr + 2 * n_rows + offs, mask=ok, other=0.0)
+    n_valid = tl.sum(counted, axis=0)  # exact: a sum of ones below 2**24
+    tl.store(loss_ptr, tl.sum(loss, axis=0) / n_valid)
+    tl.store(scale_ptr, 1.0 / (tl.maximum(n_valid, 1.0) * GRAD_SCALE))
+    tl.store(ok_ptr, tl.where(tl.sum(bad, axis=0) == 0.0, 1, 0))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -150,16 +183,17 @@ def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
 def _cross_entropy_rows(
     logits: torch.Tensor,
     targets: torch.Tensor,
-    loss_rows: torch.Tensor,
+    rows_out: torch.Tensor,
+    row0: int,
     ignore_index: int,
     compute_grad: bool,
 ) -> None:
     """Launch the row kernel on one chunk.
 
     Args:
-        logits: (M, V) fp32/fp16/bf16, unit stride along V; overwritten with (softmax - onehot) * _GRAD_SCALE
-            when ``compute_grad`` (in its own dtype; the arithmetic is fp32).
-        targets: (M,) int64, contiguous. loss_rows: (M,) fp32, written.
+        logits: (M, V) fp32/fp16/bf16, unit stride along V: rows row0 .. row0 + M - 1 of the batch; overwritten
+            with (softmax - onehot) * _GRAD_SCALE when ``compute_grad`` (in its own dtype; the arithmetic is fp32).
+        targets: (N,) int64, contiguous, all the rows. rows_out: (3, N) fp32: the chunk's columns are written.
     """
     m, v = logits.shape
     if m == 0:
@@ -171,7 +205,9 @@ def _cross_entropy_rows(
             logits,
             logits.stride(0),
             targets,
-            loss_rows,
+            rows_out,
+            row0,
+            rows_out.shape[1],
             v,
             ignore_index,
             COMPUTE_GRAD=compute_grad,
@@ -180,6 +216,18 @@ def _cross_entropy_rows(
             num_warps=num_warps,
         )
     _backend.record("cross_entropy_fwd_bwd")
+
+
+def _finish(rows_out: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, grad_scale, ok): 0-dim fp32, fp32, int32, from the row kernel's (3, N) outputs; one launch."""
+    loss, scale = (torch.empty((), dtype=torch.float32, device=rows_out.device) for _ in range(2))
+    ok = torch.empty((), dtype=torch.int32, device=rows_out.device)
+    with device_guard(rows_out):
+        _cross_entropy_finish_kernel[(1,)](
+            rows_out, rows_out.shape[1], loss, scale, ok, GRAD_SCALE=_GRAD_SCALE.get(dtype, 1.0), BLOCK=1024
+        )
+    _backend.record("cross_entropy_finish")
+    return loss, scale, ok
 
 
 def _matmul_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
@@ -216,27 +264,20 @@ def _linear_cross_entropy_fwd(
         chunk_rows: rows per chunk, or 0 to choose from the shapes.
     Returns:
         loss: () fp32, nan when every target is ignored (like ``F.cross_entropy``);
-        grad_hidden: (N, C) in ``_grad_dtype(hidden.dtype)``, or (0,) when not ``need_grad_hidden``;
+        grad_hidden: (N, C) in ``_grad_dtype(hidden.dtype)``, or None when not ``need_grad_hidden``;
         grad_weight: (V, C) accumulated in fp32, kept in fp32 for fp16 and fp32 weights, else in weight's dtype;
-            or (0,) when not ``need_grad_weight``;
+            or None when not ``need_grad_weight``;
         grad_scale: () fp32: the gradients of the mean loss are ``grad_scale * grad_hidden`` and
             ``grad_scale * grad_weight`` (1 / (n_valid * _GRAD_SCALE)).
     """
     n, c = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
-    targets = targets.contiguous()
-    counted = targets != ignore_index
-    # Checked on the device, so no host sync: on CUDA a bad target is a device-side assert (as in
-    # F.cross_entropy), reported at the next synchronising call; on the CPU it raises here.
-    torch._assert_async(
-        (((targets >= 0) & (targets < v)) | ~counted).all(),
-        f"linear_cross_entropy: targets must be in [0, {v}) or equal ignore_index={ignore_index}",
-    )
-    n_valid = counted.sum()
-    loss_rows = torch.empty(n, dtype=torch.float32, device=dev)
+    if not targets.is_contiguous():
+        targets = targets.contiguous()
+    rows_out = torch.empty((3, n), dtype=torch.float32, device=dev)
     grad_dtype = _grad_dtype(hidden.dtype)
-    grad_hidden = torch.empty((n, c), dtype=grad_dtype, device=dev) if need_grad_hidden else hidden.new_empty(0)
+    grad_hidden = torch.empty((n, c), dtype=grad_dtype, device=dev) if need_grad_hidden else None
     acc = None
     if need_grad_weight:
         alloc = torch.empty if n > 0 else torch.zeros  # the first chunk overwrites it
@@ -244,32 +285,38 @@ def _linear_cross_entropy_fwd(
     compute_grad = need_grad_hidden or need_grad_weight
 
     rows = _chunk_rows(n, v, hidden.element_size(), chunk_rows)
-    # Reused by every chunk; rows padded to _ROW_ALIGN elements. The padding is zeroed: PyTorch's CPU bf16 GEMM
-    # reads past a row's end (multiplying it by zero), so uninitialised padding that held a NaN made a whole
-    # row of grad_hidden NaN.
-    logits_buf = torch.empty((rows, _padded_cols(v)), dtype=hidden.dtype, device=dev)
-    logits_buf[:, v:].zero_()
-    logits_buf = logits_buf[:, :v]
+    # Reused by every chunk; rows padded to _ROW_ALIGN elements. On the CPU the padding is zeroed: PyTorch's
+    # CPU bf16 GEMM reads past a row's end (multiplying it by zero), so uninitialised padding that held a NaN
+    # made a whole row of grad_hidden NaN. cuBLAS reads only the V columns.
+    padded = _padded_cols(v)
+    alloc = torch.empty if hidden.is_cuda else torch.zeros
+    logits_buf = alloc((rows, padded), dtype=hidden.dtype, device=dev)
+    if padded != v:
+        logits_buf = logits_buf[:, :v]
     weight_t = weight.t()
+    one_chunk = rows == n  # no slicing (each slice is a small op with its host cost)
     for start in range(0, n, rows):
         end = min(start + rows, n)
-        h = hidden[start:end]
-        logits = logits_buf[: end - start]
+        h = hidden if one_chunk else hidden[start:end]
+        logits = logits_buf if one_chunk else logits_buf[: end - start]
         torch.mm(h, weight_t, out=logits)  # (M, V)
-        _cross_entropy_rows(logits, targets[start:end], loss_rows[start:end], ignore_index, compute_grad)
+        _cross_entropy_rows(logits, targets, rows_out, start, ignore_index, compute_grad)
         if need_grad_hidden:
+            gh = grad_hidden if one_chunk else grad_hidden[start:end]
             if grad_dtype == hidden.dtype:
-                torch.mm(logits, weight, out=grad_hidden[start:end])  # (M, C)
+                torch.mm(logits, weight, out=gh)  # (M, C)
             else:
-                _matmul_fp32(logits, weight, grad_hidden[start:end], accumulate=False)
+                _matmul_fp32(logits, weight, gh, accumulate=False)
         if acc is not None:
             _matmul_fp32(logits.t(), h, acc, accumulate=start > 0)  # (V, C)
 
-    loss = loss_rows.sum() / n_valid  # 0 / 0 = nan when every target is ignored, as in PyTorch
-    # Every counted row contributes its share; the clamp keeps an all-ignored batch's (zero) gradients finite.
-    grad_scale = 1.0 / (n_valid.clamp(min=1).to(torch.float32) * _GRAD_SCALE.get(hidden.dtype, 1.0))
+    # The mean loss (0 / 0 = nan when every target is ignored, as in PyTorch) and the gradients' factor.
+    loss, grad_scale, ok = _finish(rows_out, hidden.dtype)
+    # Checked on the device, so no host sync: on CUDA a bad target is a device-side assert (as in
+    # F.cross_entropy), reported at the next synchronising call; on the CPU it raises here.
+    torch._assert_async(ok, f"linear_cross_entropy: targets must be in [0, {v}) or equal ignore_index={ignore_index}")
     if acc is None:
-        grad_weight = weight.new_empty(0)
+        grad_weight = None
     else:
         grad_weight = acc if _grad_dtype(weight.dtype) == torch.float32 else acc.to(weight.dtype)
     return loss, grad_hidden, grad_weight, grad_scale
@@ -289,11 +336,22 @@ def _linear_cross_entropy_fwd_outputs(
     need_grad_hidden: bool,
     need_grad_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The custom op: :func:`_linear_cross_entropy_fwd` with (0,) placeholders for the gradients not asked."""
+    loss, grad_hidden, grad_weight, grad_scale = _fwd_without_autocast(
+        hidden, weight, targets, ignore_index, chunk_rows, need_grad_hidden, need_grad_weight
+    )
+    grad_hidden = hidden.new_empty(0) if grad_hidden is None else grad_hidden
+    return loss, grad_hidden, weight.new_empty(0) if grad_weight is None else grad_weight, grad_scale
+
+
+def _fwd_without_autocast(*args):
+    hidden = args[0]
+    device_type = "cuda" if hidden.is_cuda else hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return _linear_cross_entropy_fwd(*args)
     # The matmuls run in the inputs' dtype: autocast (already applied by the public API) must not recast them.
-    with torch.autocast(hidden.device.type, enabled=False):
-        return _linear_cross_entropy_fwd(
-            hidden, weight, targets, ignore_index, chunk_rows, need_grad_hidden, need_grad_weight
-        )
+    with torch.autocast(device_type, enabled=False):
+        return _linear_cross_entropy_fwd(*args)
 
 
 _linear_cross_entropy_fwd_op = torch.library.custom_op("gptkernels::linear_cross_entropy_fwd", mutates_args=())(
@@ -318,7 +376,9 @@ def _linear_cross_entropy_setup_context(ctx, inputs, output):
     ctx.dtypes = inputs[0].dtype, inputs[1].dtype
 
 
-def _linear_cross_entropy_backward(ctx, grad_loss, _grad_gh, _grad_gw, _grad_scale):
+def _scaled_grads(ctx, grad_loss):
+    """(dhidden or None, dweight or None) from what the forward saved: (grad_hidden, grad_weight, grad_scale),
+    ctx.need_grads and ctx.dtypes."""
     grad_hidden, grad_weight, grad_scale = ctx.saved_tensors
     need_hidden, need_weight = ctx.need_grads
     # Both factors are 0-dim fp32: the products keep the saved gradients' dtypes, then cast to the inputs'
@@ -326,19 +386,38 @@ def _linear_cross_entropy_backward(ctx, grad_loss, _grad_gh, _grad_gw, _grad_sca
     scale = grad_loss * grad_scale
     dh = (grad_hidden * scale).to(ctx.dtypes[0]) if need_hidden else None
     dw = (grad_weight * scale).to(ctx.dtypes[1]) if need_weight else None
-    return dh, dw, None, None, None, None, None
+    return dh, dw
+
+
+def _linear_cross_entropy_backward(ctx, grad_loss, _grad_gh, _grad_gw, _grad_scale):
+    return *_scaled_grads(ctx, grad_loss), None, None, None, None, None
 
 
 _linear_cross_entropy_fwd_op.register_autograd(
     _linear_cross_entropy_backward, setup_context=_linear_cross_entropy_setup_context
 )
-# The same forward/backward for eager mode without the custom op's dispatch cost (see _backend.call_op).
-_LinearCrossEntropyFunction = autograd_function(
-    "_LinearCrossEntropyFunction",
-    _linear_cross_entropy_fwd_outputs,
-    _linear_cross_entropy_setup_context,
-    _linear_cross_entropy_backward,
-)
+
+
+class _LinearCrossEntropyFunction(torch.autograd.Function):
+    """Eager mode: the same computation without the custom op's dispatch (see _backend.call_op); the saved
+    gradients stay on ctx instead of being outputs (each output costs its autograd bookkeeping)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, chunk_rows, need_grad_hidden, need_grad_weight):
+        loss, grad_hidden, grad_weight, grad_scale = _fwd_without_autocast(
+            hidden, weight, targets, ignore_index, chunk_rows, need_grad_hidden, need_grad_weight
+        )
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_scale)
+        ctx.need_grads = need_grad_hidden, need_grad_weight
+        ctx.dtypes = hidden.dtype, weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return *_scaled_grads(ctx, grad_loss), None, None, None, None, None
+
+
+_linear_cross_entropy_apply = eager_apply(_LinearCrossEntropyFunction)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -380,18 +459,13 @@ def _linear_cross_entropy_triton(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int
 ) -> torch.Tensor:
     grad_on = torch.is_grad_enabled()
-    loss, _, _, _ = call_op(
-        _linear_cross_entropy_fwd_op,
-        _LinearCrossEntropyFunction,
-        hidden,
-        weight,
-        targets,
-        ignore_index,
-        _CHUNK_ROWS_OVERRIDE,
-        grad_on and hidden.requires_grad,
-        grad_on and weight.requires_grad,
-    )
-    return loss
+    need_hidden, need_weight = grad_on and hidden.requires_grad, grad_on and weight.requires_grad
+    args = (hidden, weight, targets, ignore_index, _CHUNK_ROWS_OVERRIDE, need_hidden, need_weight)
+    if not is_eager(hidden):
+        return _linear_cross_entropy_fwd_op(*args)[0]
+    if need_hidden or need_weight:
+        return _linear_cross_entropy_apply(*args)
+    return _fwd_without_autocast(*args)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------
