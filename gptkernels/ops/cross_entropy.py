@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from . import _backend
 from ._backend import eager_apply, is_eager, use_triton
 from ._triton import tl, triton
-from .utils import FLOAT_DTYPES, check_tensor, device_guard, row_launch, unsupported_dtype
+from .utils import FLOAT_DTYPES, TENSOR_TYPES, check_tensor, device_guard, row_launch, unsupported_dtype
 
 # ---------------------------------------------------------------------------------------------------------
 # Reference (the CPU path and the test oracle)
@@ -285,11 +285,11 @@ def _linear_cross_entropy_fwd(
     compute_grad = need_grad_hidden or need_grad_weight
 
     rows = _chunk_rows(n, v, hidden.element_size(), chunk_rows)
-    # Reused by every chunk; rows padded to _ROW_ALIGN elements. On the CPU the padding is zeroed: PyTorch's
-    # CPU bf16 GEMM reads past a row's end (multiplying it by zero), so uninitialised padding that held a NaN
-    # made a whole row of grad_hidden NaN. cuBLAS reads only the V columns.
+    # Reused by every chunk; rows padded to _ROW_ALIGN elements. On the CPU the padding is zeroed for the
+    # gradients' GEMMs: PyTorch's CPU bf16 GEMM reads past a row's end (multiplying it by zero), so
+    # uninitialised padding that held a NaN made a whole row of grad_hidden NaN. cuBLAS reads only V columns.
     padded = _padded_cols(v)
-    alloc = torch.empty if hidden.is_cuda else torch.zeros
+    alloc = torch.zeros if compute_grad and not hidden.is_cuda else torch.empty
     logits_buf = alloc((rows, padded), dtype=hidden.dtype, device=dev)
     if padded != v:
         logits_buf = logits_buf[:, :v]
@@ -428,6 +428,31 @@ _OP = "linear_cross_entropy"
 _REFERENCE_DTYPES = (*FLOAT_DTYPES, torch.float64)
 
 
+def _inputs_ok(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, dtypes: tuple
+) -> bool:
+    """The checks of :func:`_check_inputs` in one pass for the common case (same dtypes, no autocast), without
+    building messages."""
+    if type(hidden) not in TENSOR_TYPES or type(weight) not in TENSOR_TYPES or type(targets) not in TENSOR_TYPES:
+        return False
+    h_shape, w_shape, t_shape = hidden.shape, weight.shape, targets.shape
+    device = hidden.device
+    return (
+        len(h_shape) == 2
+        and len(w_shape) == 2
+        and len(t_shape) == 1
+        and w_shape[1] == h_shape[1]
+        and w_shape[0] > 0
+        and t_shape[0] == h_shape[0]
+        and hidden.dtype in dtypes
+        and weight.dtype == hidden.dtype
+        and targets.dtype == torch.int64
+        and weight.device == device
+        and targets.device == device
+        and type(ignore_index) is int
+    )
+
+
 def _check_inputs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -435,6 +460,8 @@ def _check_inputs(
     ignore_index: int,
     dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
 ) -> None:
+    if _inputs_ok(hidden, weight, targets, ignore_index, dtypes):
+        return
     check_tensor(_OP, "hidden", hidden, ndim=2, dtypes=dtypes)
     # Under autocast the two may differ (fp32 weight, bf16 activations): both are cast before the kernel.
     autocast = torch.is_autocast_enabled(hidden.device.type)
@@ -504,7 +531,7 @@ def linear_cross_entropy(
     if use_triton(_OP, hidden.device, backend, unsupported):
         if unsupported is not None:  # "triton" with a dtype the kernel does not take: the dtype error
             _check_inputs(hidden, weight, targets, ignore_index)
-        device_type = hidden.device.type
+        device_type = "cuda" if hidden.is_cuda else hidden.device.type
         if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
             hidden, weight = hidden.to(dtype), weight.to(dtype)

@@ -239,8 +239,10 @@ def _layer_norm_fwd(
     N = shape[-1]
     if residual is not None:
         residual, _, stride_r = rows_of("add_layer_norm", "residual", residual)
-        dtype = x.dtype if residual.dtype == x.dtype else torch.promote_types(x.dtype, residual.dtype)
-        s = torch.empty(shape, dtype=dtype, device=x.device)
+        if residual.dtype == x.dtype and x.shape == shape:
+            s = torch.empty_like(x)
+        else:
+            s = torch.empty(shape, dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
         y = torch.empty_like(s)
     else:
         s, stride_r = None, 0
