@@ -191,6 +191,14 @@ def evaluate_targets(rows: list[Row]) -> None:
             if mine is not None and theirs:
                 m = mine / theirs
                 r.targets.append((m <= 0.25, f"peak memory ≤ 0.25× eager ({m:.2f}×)"))
+        elif r.provider == KERNEL and op == "host_overhead" and mode in ("fwd", "fwd+bwd"):
+            keys = dict(op=op, mode=mode, measured_op=r.get("measured_op"), device_type=r.get("device_type"))
+            torch_row = _find(rows, "torch", **keys)
+            if torch_row is None:
+                r.targets.append((False, "host time ≤ 2× the PyTorch op's: no PyTorch measurement"))
+            else:
+                t = r.median / torch_row.median
+                r.targets.append((t <= 2.0, f"host time ≤ 2× the PyTorch op's ({t:.2f}×)"))
         elif r.provider == "triton" and op == "train_step":
             eager = _find(rows, "torch", op=op, model=r.get("model"))
             _ratio_target(r, eager, 1.0 + 1e-9, "faster than kernels=torch")

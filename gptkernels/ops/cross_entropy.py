@@ -10,6 +10,8 @@ incoming gradient and that factor (1 / n_valid, see _GRAD_SCALE for fp16), then 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -165,6 +167,7 @@ def _padded_cols(v: int) -> int:
     return -(-v // _ROW_ALIGN) * _ROW_ALIGN
 
 
+@functools.lru_cache(maxsize=1024)
 def _chunk_rows(n: int, v: int, elem_size: int, override: int) -> int:
     """Rows per chunk: ``override`` if > 0, else _TARGET_CHUNK_ROWS capped by _MAX_CHUNK_BYTES; in [1, n]."""
     if override > 0:
@@ -178,6 +181,12 @@ def _chunk_rows(n: int, v: int, elem_size: int, override: int) -> int:
 def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the forward keeps a gradient in: fp32 for fp16 (see _GRAD_SCALE), else the input's."""
     return torch.float32 if dtype == torch.float16 else dtype
+
+
+@functools.lru_cache(maxsize=1024)
+def _row_launch(v: int, elem_size: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) of the row kernel, once per vocabulary size and dtype size."""
+    return row_launch(min(v, _MAX_BLOCK), elem_size)
 
 
 def _cross_entropy_rows(
@@ -198,7 +207,7 @@ def _cross_entropy_rows(
     m, v = logits.shape
     if m == 0:
         return
-    block, num_warps = row_launch(min(v, _MAX_BLOCK), logits.element_size())
+    block, num_warps = _row_launch(v, logits.element_size())
     # Triton launches on the current CUDA device and stream: make them logits' (tensors on another GPU).
     with device_guard(logits):
         _cross_entropy_rows_kernel[(m,)](
@@ -220,8 +229,10 @@ def _cross_entropy_rows(
 
 def _finish(rows_out: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, grad_scale, ok): 0-dim fp32, fp32, int32, from the row kernel's (3, N) outputs; one launch."""
-    loss, scale = (torch.empty((), dtype=torch.float32, device=rows_out.device) for _ in range(2))
-    ok = torch.empty((), dtype=torch.int32, device=rows_out.device)
+    device = rows_out.device
+    loss = torch.empty((), dtype=torch.float32, device=device)
+    scale = torch.empty((), dtype=torch.float32, device=device)
+    ok = torch.empty((), dtype=torch.int32, device=device)
     with device_guard(rows_out):
         _cross_entropy_finish_kernel[(1,)](
             rows_out, rows_out.shape[1], loss, scale, ok, GRAD_SCALE=_GRAD_SCALE.get(dtype, 1.0), BLOCK=1024

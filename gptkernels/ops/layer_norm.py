@@ -332,9 +332,15 @@ def _layer_norm_bwd(
             maxnreg=max_regs,
         )
     _backend.record("add_layer_norm_bwd" if ds is not None else "layer_norm_bwd")
-    # Separate tensors (views of one sum would alias, which a custom op's outputs must not).
-    dw = partial[0].sum(0).to(weight.dtype)
-    return dx, dw, partial[1].sum(0).to(weight.dtype) if has_bias else dw.new_empty(0)
+    # One reduction for both; dweight and dbias are then two rows of one tensor (the custom op clones dbias:
+    # its outputs must not alias).
+    sums = partial.sum(1)
+    if sums.dtype != weight.dtype:
+        sums = sums.to(weight.dtype)
+    if not has_bias:
+        return dx, sums[0], sums.new_empty(0)
+    dw, db = sums.unbind()
+    return dx, dw, db
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -388,7 +394,8 @@ def _layer_norm_bwd_op(
     ds: torch.Tensor | None,
     has_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _layer_norm_bwd(dy, x, weight, stats, ds, has_bias)
+    dx, dw, db = _layer_norm_bwd(dy, x, weight, stats, ds, has_bias)
+    return dx, dw, db.clone() if has_bias else db
 
 
 @_layer_norm_bwd_op.register_fake

@@ -1,0 +1,167 @@
+"""Host overhead per op call: the CPU time of a gptkernels op with its Triton launches stubbed out, against the
+PyTorch op it replaces, at a tiny shape (3 x 5 x 64; CE: 15 rows, 50 classes) where nothing but the host path
+costs anything.
+
+What remains with the launches stubbed is the op's own Python: argument checks, the backend choice, output
+allocations, autograd bookkeeping and the matmuls cross-entropy issues through PyTorch. The issue's target: at
+most 2x the PyTorch op's time, per call, for the no-grad forward and for forward + backward (the backward of
+``out.sum()``, the same for both providers). The forward alone with autograd on is recorded too: there an
+``autograd.Function`` costs ~2.5 us on its own, more than half of what ``F.layer_norm`` costs in all.
+
+The CPU cases need neither a GPU nor Triton's interpreter (the stubbed kernels never run); on a CUDA machine
+the same cases run on CUDA tensors too, where the PyTorch op's time includes its real kernel launch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks import harness
+from gptkernels import ops
+from gptkernels.ops import _backend
+
+OPS = ("layer_norm", "add_layer_norm", "bias_gelu", "linear_cross_entropy")
+MODES = ("fwd", "fwd+bwd", "fwd-autograd")
+CALLS_PER_ROUND = 200
+_MODULES = ("layer_norm", "bias_gelu", "cross_entropy")
+
+
+class _StubbedLaunch:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args)`` does nothing."""
+
+    @staticmethod
+    def _launch(*args, **kwargs) -> None:
+        return None
+
+    def __getitem__(self, grid):
+        return self._launch
+
+
+class _StubbedFinish(_StubbedLaunch):
+    """The cross-entropy finishing kernel writes the flag that the op's ``_assert_async`` reads."""
+
+    @staticmethod
+    def _launch(*args, **kwargs) -> None:
+        args[4].fill_(1)  # ok: one small fill, counted against gptkernels
+
+
+@pytest.fixture
+def stubbed_launches(monkeypatch):
+    """Every Triton launch of the ops measured here becomes a no-op; the Triton path runs on CPU tensors."""
+    for name in _MODULES:
+        module = importlib.import_module(f"gptkernels.ops.{name}")
+        for attr in dir(module):
+            if attr.endswith("_kernel"):
+                monkeypatch.setattr(module, attr, _StubbedLaunch())
+    ce = importlib.import_module("gptkernels.ops.cross_entropy")
+    monkeypatch.setattr(ce, "_cross_entropy_finish_kernel", _StubbedFinish())
+    why_not = _backend.why_not_triton
+    monkeypatch.setattr(_backend, "why_not_triton", lambda device: None if device.type == "cpu" else why_not(device))
+
+
+def _inputs(device: torch.device, grad: bool) -> dict:
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device).requires_grad_(grad)
+
+    return dict(
+        x=randn(3, 5, 64),
+        r=randn(3, 5, 64),
+        w=randn(64),
+        b=randn(64),
+        h=randn(15, 64),
+        W=randn(50, 64),
+        t=torch.randint(0, 50, (15,), generator=g).to(device),
+    )
+
+
+def _call(op: str, provider: str, a: dict):
+    """A zero-argument call of ``op`` by ``provider`` on the inputs ``a``; returns a tensor."""
+    x, r, w, b, h, W, t = (a[k] for k in "x r w b h W t".split())
+    if provider == "gptkernels":
+        return {
+            "layer_norm": lambda: ops.layer_norm(x, w, b, backend="triton"),
+            "add_layer_norm": lambda: ops.add_layer_norm(x, r, w, b, backend="triton")[1],
+            "bias_gelu": lambda: ops.bias_gelu(x, b, backend="triton"),
+            "linear_cross_entropy": lambda: ops.linear_cross_entropy(h, W, t, backend="triton"),
+        }[op]
+    return {
+        "layer_norm": lambda: F.layer_norm(x, (64,), w, b),
+        "add_layer_norm": lambda: F.layer_norm(x + r, (64,), w, b),
+        "bias_gelu": lambda: F.gelu(x + b, approximate="tanh"),
+        "linear_cross_entropy": lambda: F.cross_entropy(F.linear(h, W), t),
+    }[op]
+
+
+def _cases():
+    for device in ("cpu", "cuda"):
+        for op in OPS:
+            for mode in MODES:
+                for provider in ("gptkernels", "torch"):
+                    group = f"host overhead {op} {mode} {device}"
+                    yield pytest.param(
+                        device,
+                        op,
+                        mode,
+                        provider,
+                        marks=pytest.mark.benchmark(group=group),
+                        id=f"{device}-{op}-{mode}-{provider}",
+                    )
+
+
+def bench_priority(params: dict) -> int:
+    return harness.TIER_TARGET if params["device"] == "cuda" else harness.TIER_REST
+
+
+def bench_cost(params: dict) -> float:
+    return 0.5
+
+
+@pytest.mark.parametrize("device, op, mode, provider", list(_cases()))
+def test_host_overhead(benchmark, stubbed_launches, device, op, mode, provider):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA case: this machine has no CUDA device")
+    dev = torch.device(device)
+    fn_op = _call(op, provider, _inputs(dev, grad=mode != "fwd"))
+
+    if mode == "fwd":
+
+        def one():
+            with torch.no_grad():
+                fn_op()
+
+    elif mode == "fwd+bwd":
+
+        def one():
+            fn_op().sum().backward()
+
+    else:
+        one = fn_op
+
+    def fn():
+        for _ in range(CALLS_PER_ROUND):
+            one()
+
+    harness.describe(
+        benchmark,
+        op="host_overhead",
+        mode=mode,
+        provider=provider,
+        device=dev,
+        shape=op,
+        dtype=torch.float32,
+        measured_op=op,
+        calls_per_round=CALLS_PER_ROUND,
+    )
+    with ops.count_launches() as launches:
+        fn()  # warm-up; for gptkernels, proof that the stubbed launchers were reached
+    if provider == "gptkernels":
+        assert sum(launches.values()) > 0, "the Triton path was not taken"
+    median = harness.time_cpu(benchmark, fn, rounds=15, warmup=1)
+    if median is not None:
+        benchmark.extra_info["host_us_per_call"] = median / CALLS_PER_ROUND * 1e6
