@@ -1094,13 +1094,16 @@ class _EagerAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
+_attention_apply = _backend.eager_apply(_EagerAttention)
+
+
 def _attention_triton(q, k, v, causal: bool, dropout_p: float, scale: float, compiling: bool) -> torch.Tensor:
     seed = dropout_seed(q.device) if dropout_p > 0.0 else None
-    if compiling or type(q) is not torch.Tensor:  # traced, or a subclass (FakeTensor...)
+    if compiling or not _backend.is_eager(q):  # traced, a dispatch mode or transform, or a FakeTensor...
         return _attention_fwd_op(q, k, v, seed, causal, dropout_p, scale)[0]
     # Eager: the custom op's dispatch costs more host time than the rest of the call (issue 10, item 6).
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _EagerAttention.apply(q, k, v, seed, causal, dropout_p, scale)
+        return _attention_apply(q, k, v, seed, causal, dropout_p, scale)
     return attention_fwd(q, k, v, seed, causal, dropout_p, scale)[0]
 
 
