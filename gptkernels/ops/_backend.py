@@ -27,6 +27,7 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from . import _triton
+from .utils import TENSOR_TYPES
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -109,73 +110,36 @@ def use_triton(op: str, device: torch.device, backend: str | None = None, unsupp
     return reason is None
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
 def is_eager(t: torch.Tensor) -> bool:
     """True in plain eager mode: not traced by torch.compile, no dispatch mode (make_fx, opcheck, fake
     tensors) and no torch.func transform active, and ``t`` a plain tensor (not a FakeTensor, FunctionalTensor
     or other subclass)."""
     return (
-        type(t) in _PLAIN
+        type(t) in TENSOR_TYPES
         and not torch.compiler.is_compiling()
         and _current_dispatch_mode() is None
         and not torch._C._are_functorch_transforms_active()
     )
 
 
-def call_op(op: Callable[..., Any], function: type[torch.autograd.Function], *args: Any) -> Any:
-    """Run a kernel registered as the custom op ``op`` (with ``register_autograd``); ``args[0]`` is a tensor.
-
-    While torch.compile (or any tracer) is at work, through ``op``: the graph holds one opaque op with its
-    fake. In eager mode, through ``function``, an autograd.Function with the same forward, setup_context and
-    backward, or the launcher alone when nothing needs a gradient: the custom op's dispatch (schema
-    parsing, autograd wrapper, redispatch) costs several times what the launch itself costs on the host.
-    """
-    if not is_eager(args[0]):
-        return op(*args)
-    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-        return function.apply(*args)
-    return function.outputs(*args)
-
-
 def eager_apply(function: type[torch.autograd.Function]) -> Callable[..., Any]:
     """``function.apply`` without ``torch.autograd.Function.apply``'s Python layer, for the eager paths only.
 
-    That layer binds default arguments (only with a separate ``setup_context``), unwraps dead functorch wrappers
-    and routes functorch transforms; the eager paths have already ruled transforms out (:func:`is_eager`), and a
-    tensor leaked from one has no storage, so the launch refuses it. It costs ~1.2 µs of the ~3 µs an apply costs.
+    Each op is a ``torch.library`` custom op, which is what torch.compile and opcheck see. Eager calls on plain
+    tensors skip it: its dispatch (schema parsing, autograd wrapper, redispatch) costs several times the rest of
+    the call on the host. They run an ``autograd.Function`` with the same forward and backward instead, through
+    this apply, or the launcher alone when nothing needs a gradient.
+
+    ``Function.apply``'s Python layer binds default arguments (only with a separate ``setup_context``), unwraps
+    dead functorch wrappers and routes functorch transforms; the eager paths have already ruled transforms out
+    (:func:`is_eager`), and a tensor leaked from one has no storage, so the launch refuses it. That layer costs
+    ~1.2 µs of the ~3 µs an apply costs.
     """
     return super(torch.autograd.Function, function).apply  # the C++ apply of torch._C._FunctionBase
 
 
-def autograd_function(
-    name: str, forward: Callable[..., Any], setup_context: Callable[..., Any], backward: Callable[..., Any]
-) -> type[torch.autograd.Function]:
-    """The autograd.Function for :func:`call_op` made of a custom op's forward, setup_context and backward.
-
-    It uses the ``forward(ctx, *args)`` form: with a separate ``setup_context``, ``Function.apply`` binds the
-    arguments through ``inspect.signature`` on every call (tens of microseconds).
-    """
-
-    def forward_with_ctx(ctx, *args):
-        output = forward(*args)
-        setup_context(ctx, args, output)
-        return output
-
-    return type(
-        name,
-        (torch.autograd.Function,),
-        {
-            "forward": staticmethod(forward_with_ctx),
-            "backward": staticmethod(backward),
-            "outputs": staticmethod(forward),
-        },
-    )
-
-
 def eager(op: Callable[..., Any], direct: Callable[..., Any], t: torch.Tensor) -> Callable[..., Any]:
-    """``direct`` (the launcher) in eager mode, else the custom op ``op`` (see :func:`call_op`): for backward
+    """``direct`` (the launcher) in eager mode, else the custom op ``op`` (traced by torch.compile): for backward
     kernels, whose autograd is handled by the caller. ``t``: one of the tensors they will be called with."""
     return direct if is_eager(t) else op
 

@@ -261,7 +261,7 @@ _bias_gelu_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _BiasGeluFunction(torch.autograd.Function):
-    """Eager mode: the same kernels and gradients without the custom op's dispatch (see _backend.call_op)."""
+    """Eager mode: the same kernels and gradients without the custom op's dispatch (see _backend.eager_apply)."""
 
     @staticmethod
     def forward(ctx, x, bias):

@@ -410,7 +410,7 @@ _linear_cross_entropy_fwd_op.register_autograd(
 
 
 class _LinearCrossEntropyFunction(torch.autograd.Function):
-    """Eager mode: the same computation without the custom op's dispatch (see _backend.call_op); the saved
+    """Eager mode: the same computation without the custom op's dispatch (see _backend.eager_apply); the saved
     gradients stay on ctx instead of being outputs (each output costs its autograd bookkeeping)."""
 
     @staticmethod

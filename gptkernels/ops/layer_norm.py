@@ -454,7 +454,7 @@ def _add_layer_norm_backward(ctx, ds, dy, _dstats):
 _add_layer_norm_fwd_op.register_autograd(_add_layer_norm_backward, setup_context=_add_layer_norm_setup_context)
 
 
-# Eager mode: the same kernels and gradients without the custom op's dispatch (see _backend.call_op). The
+# Eager mode: the same kernels and gradients without the custom op's dispatch (see _backend.eager_apply). The
 # statistics are saved on ctx rather than returned: an output more costs its autograd bookkeeping.
 class _LayerNormFunction(torch.autograd.Function):
     @staticmethod
