@@ -124,11 +124,13 @@ def _cases():
 
 
 def bench_priority(params: dict) -> int:
-    return harness.TIER_TARGET if params["device"] == "cuda" else harness.TIER_REST
+    # Not among the GPU check's first targets (its bench phase is full): the issue defines this target on the
+    # CPU, where the stubbed host path is the same Python as on CUDA; the CUDA cases run when time is left.
+    return harness.TIER_REST
 
 
 def bench_cost(params: dict) -> float:
-    return 0.5
+    return 0.3
 
 
 @pytest.mark.parametrize("device, op, mode, provider", list(_cases()))
