@@ -190,7 +190,9 @@ class BuildPyWithSources(build_py):
 
 class EditableWheelWithPth(editable_wheel):
     """``pip install -e``: setuptools' editable wheel holds only its own .pth and finder (build_py's files are not
-    in it), so the lm-eval .pth is written into the unpacked wheel, beside them."""
+    in it), so the lm-eval .pth is written into the unpacked wheel, beside them. ``_run_build_commands`` is
+    setuptools' own (private, unchanged since v64); tests/test_install.py checks that editable installs get the .pth.
+    """
 
     def _run_build_commands(self, dist_name, unpacked_wheel, build_lib, tmp_dir):
         outputs = super()._run_build_commands(dist_name, unpacked_wheel, build_lib, tmp_dir)
