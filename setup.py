@@ -17,6 +17,11 @@ What is built:
   CUDA build fails (e.g. ``cannot find -lcudart``), the CPU kernel is built alone, with one warning.
 Flags: ``gptkernels/_csrc.py``, shared with the build on first use.
 
+It also puts ``gptkernels_lm_eval.pth`` in site-packages, in wheels and in editable installs alike: at start-up it
+imports the small ``_gptkernels_lm_eval`` module (standard library only), which registers the ``gptkernels`` model
+with lm-eval releases that do not read the ``lm_eval.models`` entry point, once lm-eval is imported. So
+``lm_eval --model gptkernels`` works with lm-eval 0.4.13 too.
+
 Environment switches:
     GPTKERNELS_SKIP_EXTENSION=1   build nothing here (the op is then compiled on first use)
     GPTKERNELS_SKIP_CUDA=1        CPU kernel only, even where CUDA is available
@@ -35,6 +40,7 @@ from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
+from setuptools.command.editable_wheel import editable_wheel
 
 ROOT = Path(__file__).resolve().parent
 CSRC = "csrc"
@@ -153,18 +159,45 @@ def _build_ext_class(base):
     return BuildExt
 
 
+# Site-packages runs the "import" lines of every .pth file at start-up. The module is tiny and imports nothing
+# heavy; try/except keeps start-up quiet if the module went away (an editable install whose folder was moved).
+LM_EVAL_PTH = "gptkernels_lm_eval.pth"
+LM_EVAL_PTH_TEXT = (
+    "# gptkernels: `lm_eval --model gptkernels` with lm-eval releases that ignore entry points (_gptkernels_lm_eval)\n"
+    'import sys; exec("try: import _gptkernels_lm_eval\\nexcept Exception: pass")\n'
+)
+
+
+def _write_lm_eval_pth(folder: str | Path) -> None:
+    """The .pth goes to the root of a wheel, which is site-packages once installed."""
+    (Path(folder) / LM_EVAL_PTH).write_text(LM_EVAL_PTH_TEXT, encoding="utf-8")
+
+
 class BuildPyWithSources(build_py):
     """Ships csrc/ as gptkernels/csrc/ in wheels, so an install without a prebuilt op can compile it on first use
-    (an editable install finds csrc/ beside the package)."""
+    (an editable install finds csrc/ beside the package), and the lm-eval .pth file."""
 
     def run(self) -> None:
         super().run()
         if getattr(self, "editable_mode", False):
             return
+        _write_lm_eval_pth(self.build_lib)
         target = Path(self.build_lib) / "gptkernels" / "csrc"
         target.mkdir(parents=True, exist_ok=True)
         for name in (*_csrc.CPU_SOURCES, *_csrc.CUDA_SOURCES, *_csrc.HEADERS):
             self.copy_file(str(ROOT / CSRC / name), str(target / name))
+
+
+class EditableWheelWithPth(editable_wheel):
+    """``pip install -e``: setuptools' editable wheel holds only its own .pth and finder (build_py's files are not
+    in it), so the lm-eval .pth is written into the unpacked wheel, beside them. ``_run_build_commands`` is
+    setuptools' own (private, unchanged since v64); tests/test_install.py checks that editable installs get the .pth.
+    """
+
+    def _run_build_commands(self, dist_name, unpacked_wheel, build_lib, tmp_dir):
+        outputs = super()._run_build_commands(dist_name, unpacked_wheel, build_lib, tmp_dir)
+        _write_lm_eval_pth(unpacked_wheel)
+        return outputs
 
 
 def _extensions():
@@ -214,4 +247,7 @@ def _extensions():
 
 if __name__ == "__main__":  # pip and `python setup.py` run it so; tests import the helpers above
     ext_modules, cmdclass = _extensions()
-    setup(ext_modules=ext_modules, cmdclass={"build_py": BuildPyWithSources, **cmdclass})
+    setup(
+        ext_modules=ext_modules,
+        cmdclass={"build_py": BuildPyWithSources, "editable_wheel": EditableWheelWithPth, **cmdclass},
+    )

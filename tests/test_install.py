@@ -40,7 +40,7 @@ print(json.dumps({
 
 def _copy_repo(dest: Path) -> Path:
     """What pip needs to build the package, without any library built here (no _C*.so, no build record)."""
-    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "_gptkernels_lm_eval.py"):
         shutil.copy2(ROOT / name, dest / name)
     shutil.copytree(ROOT / "csrc", dest / "csrc")
     shutil.copytree(
@@ -111,6 +111,33 @@ def test_plain_install_compiles_the_op_once_on_first_use_even_with_two_processes
     assert Path(json.loads(record.read_text())["csrc"]) == site / "gptkernels" / "csrc"
 
 
+LM_EVAL_MODEL = """
+import json, sys
+hook = sys.modules["_gptkernels_lm_eval"]  # imported at start-up by gptkernels_lm_eval.pth
+from lm_eval.api.registry import get_model
+model = get_model("gptkernels")
+print(json.dumps({"hook": hook.__file__, "model": sys.modules[model.__module__].__file__}))
+"""
+
+
+def _lm_eval_model_files(venv) -> tuple[Path, Path, Path]:
+    """(site-packages, the hook module that start-up imported, the file of the class lm-eval resolves for
+    ``gptkernels``): lm-eval 0.4.13 reads no entry points, so the .pth hook is what makes it known."""
+    pytest.importorskip("lm_eval")
+    site = Path(venv.run("-c", "import sysconfig; print(sysconfig.get_path('purelib'))").stdout.strip())
+    info = json.loads(venv.run("-c", LM_EVAL_MODEL).stdout.strip().splitlines()[-1])
+    (record,) = (path.read_text() for path in site.glob("gptkernels-*.dist-info/RECORD"))
+    assert "gptkernels_lm_eval.pth," in record  # pip uninstall removes it
+    assert (site / "gptkernels_lm_eval.pth").read_text().count("import _gptkernels_lm_eval") == 1
+    return site, Path(info["hook"]), Path(info["model"])
+
+
+def test_plain_install_registers_the_lm_eval_model(venv):
+    site, hook, model = _lm_eval_model_files(venv)
+    assert hook == site / "_gptkernels_lm_eval.py"
+    assert model == site / "gptkernels" / "evaluation" / "lm_eval_model.py"
+
+
 def test_editable_plain_install_reuses_the_cached_build(venv):
     venv.pip_install("-e", str(venv.src))
     result = venv.run("-c", FIRST_USE)
@@ -118,6 +145,10 @@ def test_editable_plain_install_reuses_the_cached_build(venv):
     assert Path(info["file"]).is_relative_to(venv.src)
     assert info["has_extension"] is True and info["origin"] == "cached"
     assert "gptkernels: compiling" not in result.stderr
+    # setuptools' editable wheel holds only its own .pth and finder; setup.py adds the lm-eval one
+    _, hook, model = _lm_eval_model_files(venv)
+    assert hook == venv.src / "_gptkernels_lm_eval.py"
+    assert model == venv.src / "gptkernels" / "evaluation" / "lm_eval_model.py"
 
 
 def test_build_command_says_what_was_built_and_where(venv):

@@ -1,11 +1,16 @@
 """The lm-evaluation-harness model ``gptkernels``: the same log-likelihoods, rolling log-likelihoods and greedy
 generations as lm-eval's own ``hf`` model on the same weights (``GPT.save_hf``), lm-eval tasks read from local
-files (tests/data/lm_eval/*.yaml), the command line, and the entry point that registers the model.
+files (tests/data/lm_eval/*.yaml), the command lines (``lm_eval --model gptkernels`` through the installed .pth
+hook, and ``python -m gptkernels.evaluation.harness``), and the entry point that registers the model.
 
 All offline. lm-eval is heavy to import (~10 s): every import of it is inside a test or fixture."""
 
+import importlib.util
 import json
 import math
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +22,7 @@ from gptkernels.checkpoint import save_checkpoint
 from gptkernels.evaluation.multiple_choice import load_hellaswag, read_jsonl, score_multiple_choice
 from gptkernels.tokenizer import get_tokenizer, save_hf_tokenizer, tokenizer_to_spec
 
-from .cli_helpers import ROOT, one_thread, run_cli  # noqa: F401 (fixture)
+from .cli_helpers import ROOT, cli_env, one_thread, run_cli  # noqa: F401 (fixture)
 
 pytest.importorskip("lm_eval")
 
@@ -212,3 +217,153 @@ def test_entry_point_registers_the_model_for_lm_evals_plugin_discovery(tmp_path)
     registry = Registry("model", base_cls=LM)
     registry.register(ep.name, target=ep)
     assert registry.get("gptkernels") is GPTKernelsLM
+
+
+def _load_setup_py():
+    """setup.py's helpers (the .pth file it installs), without running setup()."""
+    spec = importlib.util.spec_from_file_location("gptkernels_setup_under_test", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _venv_with_pth(folder: Path, *, system_site_packages: bool) -> tuple[str, Path]:
+    """A venv without pip (a fraction of a second to make) whose site-packages holds the .pth file that
+    ``pip install`` of this checkout puts there (tests/test_install.py checks that pip does). Returns its python
+    and its site-packages."""
+    flags = ["--system-site-packages"] if system_site_packages else []
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", *flags, str(folder)], check=True, timeout=120)
+    python = str(folder / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python"))
+    code = "import sysconfig; print(sysconfig.get_path('purelib'))"
+    site = Path(subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.strip())
+    setup_py = _load_setup_py()
+    (site / setup_py.LM_EVAL_PTH).write_text(setup_py.LM_EVAL_PTH_TEXT, encoding="utf-8")
+    return python, site
+
+
+def _samples(out: Path, task: str) -> dict[int, dict]:
+    (path,) = out.rglob(f"samples_{task}_*.jsonl")
+    return {s["doc_id"]: s for s in map(json.loads, path.read_text().splitlines())}
+
+
+def test_lm_eval_command_runs_gptkernels_and_agrees_with_its_hf_model(files, tmp_path):
+    """The plain ``lm_eval`` command of lm-eval 0.4.13 (which reads no entry points) with ``--model gptkernels``,
+    through the .pth hook this checkout installs (``_gptkernels_lm_eval`` from PYTHONPATH), and the same command
+    with ``--model hf`` on the same weights: the same log-likelihood for every ending to 1e-4. The two run at once
+    (lm-eval takes seconds to start)."""
+    python, _ = _venv_with_pth(tmp_path / "venv", system_site_packages=True)
+    model_args = {"gptkernels": f"checkpoint={files['ckpt']}", "hf": f"pretrained={files['hf']},dtype=float32"}
+    procs = {}
+    for name, args in model_args.items():
+        command = [python, "-m", "lm_eval", "--model", name, "--model_args", args, "--device", "cpu"]
+        command += ["--include_path", str(TASKS), "--tasks", "hellaswag_local", "--batch_size", "4"]
+        command += ["--output_path", str(tmp_path / name), "--log_samples"]
+        env = cli_env(HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / name / "datasets"))
+        procs[name] = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    outputs = {}
+    for name, proc in procs.items():
+        try:
+            out, err = proc.communicate(timeout=300)
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, f"lm_eval --model {name} failed:\n{err.decode()[-3000:]}"
+        outputs[name] = out.decode()
+    assert "hellaswag_local" in outputs["gptkernels"] and "acc_norm" in outputs["gptkernels"]
+
+    ours, theirs = _samples(tmp_path / "gptkernels", "hellaswag_local"), _samples(tmp_path / "hf", "hellaswag_local")
+    assert sorted(ours) == sorted(theirs) == list(range(6))
+    for doc_id, mine in ours.items():
+        assert mine["arguments"] == theirs[doc_id]["arguments"]
+        lls = [[float(r[0][0]) for r in s["resps"]] for s in (mine, theirs[doc_id])]
+        assert len(lls[0]) == len(lls[1]) == 4
+        assert max(abs(a - b) for a, b in zip(*lls)) <= TOL, lls
+        assert mine["acc_norm"] == theirs[doc_id]["acc_norm"] and mine["acc"] == theirs[doc_id]["acc"]
+    (result_file,) = (tmp_path / "gptkernels").rglob("results_*.json")
+    assert json.loads(result_file.read_text())["config"]["model"] == "gptkernels"
+
+
+def test_hook_module_imports_only_itself():
+    """``_gptkernels_lm_eval`` runs at every Python start-up (the .pth file): it must import no torch, lm-eval
+    or gptkernels, nothing at all but itself. ``-S``: no .pth file of this machine's site-packages runs first."""
+    code = (
+        "import json, sys; before = set(sys.modules); import _gptkernels_lm_eval as hook; "
+        "print(json.dumps({'new': sorted(set(sys.modules) - before), 'finder': hook._Finder in sys.meta_path}))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", code], env=cli_env(), capture_output=True, text=True, timeout=60, check=True
+    )
+    assert json.loads(proc.stdout) == {"new": ["_gptkernels_lm_eval"], "finder": True}
+    assert proc.stderr == ""
+
+
+_FAKE_LM_EVAL = {  # registry.py of made-up lm-evals; each lm_eval/models/__init__.py registers "hf"
+    "like 0.4.13": "class Registry(dict):\n    def register(self, alias, target=None):\n        self[alias] = target\n",
+    "with entry-point discovery": "class Registry(dict):\n    def register(self, alias, target=None):\n"
+    "        self[alias] = target\n\ndef load_plugins(group, registry):\n    pass\n",
+    "that already knows gptkernels": "class Registry(dict):\n    def register(self, alias, target=None):\n"
+    "        self[alias] = target\n\nmodel_registry = Registry(gptkernels='elsewhere:LM')\n",
+    "with another registry API": "class Registry:\n    def register(self, *args, **kwargs):\n"
+    "        raise RuntimeError('frozen')\n    def __contains__(self, alias):\n        return False\n",
+}
+_PROBE = """
+import inspect, json, sys
+import lm_eval.models
+from lm_eval.api.registry import model_registry
+print(json.dumps({
+    "models": dict(model_registry) if isinstance(model_registry, dict) else None,
+    "finder_left": any(getattr(f, "__module__", None) == "_gptkernels_lm_eval" for f in sys.meta_path),
+    "source": "model_registry" in inspect.getsource(lm_eval.models),  # the wrapped loader still serves it
+}))
+"""
+
+
+def test_start_up_stays_clean_without_lm_eval_and_the_hook_leaves_other_lm_evals_alone(tmp_path):
+    """In a venv that sees nothing of this machine (no lm-eval, no torch): the .pth file, first without the
+    module (a removed checkout), then with it, as a wheel installs it. Start-up prints nothing, ``import lm_eval``
+    fails as usual, and made-up lm-evals get the placeholder only when their registry is 0.4.13's."""
+    python, site = _venv_with_pth(tmp_path / "venv", system_site_packages=False)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+
+    def run(code: str, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
+        extra = {"PYTHONPATH": str(pythonpath)} if pythonpath else {}
+        return subprocess.run(
+            [python, "-c", code], env={**env, **extra}, cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+
+    missing = run("import sys; print('_gptkernels_lm_eval' in sys.modules)")
+    assert (missing.returncode, missing.stdout, missing.stderr) == (0, "False\n", "")
+    shutil.copy2(ROOT / "_gptkernels_lm_eval.py", site / "_gptkernels_lm_eval.py")
+    code = (
+        "import sys, json\ntry:\n    import lm_eval\nexcept ModuleNotFoundError as e:\n    error = str(e)\n"
+        "print(json.dumps({'hook': '_gptkernels_lm_eval' in sys.modules, 'error': error,"
+        " 'heavy': [m for m in ('torch', 'gptkernels') if m in sys.modules]}))"
+    )
+    clean = run(code)
+    assert clean.returncode == 0 and clean.stderr == "", clean.stderr
+    assert json.loads(clean.stdout) == {"hook": True, "error": "No module named 'lm_eval'", "heavy": []}
+
+    for kind, registry_py in _FAKE_LM_EVAL.items():
+        root = tmp_path / kind.replace(" ", "_")
+        (root / "lm_eval" / "api").mkdir(parents=True)
+        (root / "lm_eval" / "models").mkdir()
+        (root / "lm_eval" / "__init__.py").write_text("")
+        (root / "lm_eval" / "api" / "__init__.py").write_text("")
+        if "model_registry =" not in registry_py:
+            registry_py += "\nmodel_registry = Registry()\n"
+        (root / "lm_eval" / "api" / "registry.py").write_text(registry_py)
+        (root / "lm_eval" / "models" / "__init__.py").write_text(
+            "from lm_eval.api.registry import model_registry\n\nmodel_registry.register('hf', target='hf:HFLM')\n"
+            if "another" not in kind
+            else "from lm_eval.api.registry import model_registry\n"
+        )
+        proc = run(_PROBE, pythonpath=root)
+        assert proc.returncode == 0 and proc.stderr == "", (kind, proc.stderr)
+        result = json.loads(proc.stdout)
+        assert result["source"] is True and result["finder_left"] is False, kind
+        expected = {
+            "like 0.4.13": {"hf": "hf:HFLM", "gptkernels": "gptkernels.evaluation.lm_eval_model:GPTKernelsLM"},
+            "with entry-point discovery": {"hf": "hf:HFLM"},
+            "that already knows gptkernels": {"gptkernels": "elsewhere:LM", "hf": "hf:HFLM"},
+            "with another registry API": None,
+        }[kind]
+        assert result["models"] == expected, kind

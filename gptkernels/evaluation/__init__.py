@@ -6,7 +6,8 @@
 - :mod:`.lm_eval_model`: ``GPTKernelsLM``, registered with lm-eval as ``gptkernels`` (imports lm-eval: load it
   only when you use lm-eval; this package does not import it).
 - :mod:`.harness`: ``python -m gptkernels.evaluation.harness`` = the ``lm_eval`` command with the
-  ``gptkernels`` model registered.
+  ``gptkernels`` model registered. Installed, plain ``lm_eval --model gptkernels`` works too (the entry point,
+  or with lm-eval 0.4.13 the start-up hook ``_gptkernels_lm_eval``).
 """
 
 from .loglikelihood import score_continuations

@@ -1,15 +1,18 @@
 """``python -m gptkernels.evaluation.harness ARGS``: the ``lm_eval`` command with the ``gptkernels`` model.
 
 lm-eval 0.4.13 (and earlier) finds models only in its own source tree: no entry points, no plugin option, and
-``--include_path`` adds tasks, not models. This runs lm-eval's own command line after registering
+``--include_path`` adds tasks, not models. An install of gptkernels makes the plain ``lm_eval --model gptkernels``
+work anyway, through a start-up hook (``_gptkernels_lm_eval``, imported by a .pth file in site-packages); this
+command needs no hook, e.g. from a checkout on PYTHONPATH or an install made before the hook existed. It runs
+lm-eval's own command line after registering
 :class:`~gptkernels.evaluation.lm_eval_model.GPTKernelsLM`, so every argument means what it means to
 ``lm_eval``::
 
     python -m gptkernels.evaluation.harness --model gptkernels --model_args checkpoint=out \\
         --tasks hellaswag --limit 100 --batch_size 32
 
-lm-eval releases with plugin discovery (the ``lm_eval.models`` entry point group) need no wrapper: there
-``lm_eval --model gptkernels ...`` finds the model through gptkernels' installed entry point.
+lm-eval releases with plugin discovery (the ``lm_eval.models`` entry point group) find the model through
+gptkernels' installed entry point instead of the hook.
 """
 
 from __future__ import annotations

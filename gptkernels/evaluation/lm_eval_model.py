@@ -2,14 +2,15 @@
 
 ::
 
-    lm_eval --model gptkernels --model_args checkpoint=out --tasks hellaswag        # lm-eval with plugins
+    lm_eval --model gptkernels --model_args checkpoint=out --tasks hellaswag
     python -m gptkernels.evaluation.harness --model gptkernels --model_args checkpoint=out --tasks hellaswag
 
 The class subclasses lm-eval's ``TemplateLM`` (as its ``hf`` model does), so requests are tokenized the same way
 (``_encode_pair``, the end-of-text token as the context of an empty one, the same rolling windows), and the
 log-likelihoods equal the ``hf`` model's on the same weights (``GPT.save_hf``). Importing this module imports
-lm-eval and registers the model as ``gptkernels``; the package also declares it as an ``lm_eval.models`` entry
-point, which lm-eval releases with plugin discovery find without any import.
+lm-eval and registers the model as ``gptkernels``. The plain ``lm_eval`` command finds it without that import:
+lm-eval releases with plugin discovery through the package's ``lm_eval.models`` entry point, lm-eval 0.4.13 and
+earlier through the start-up hook that installs put in site-packages (``_gptkernels_lm_eval``, a .pth file).
 
 ``--model_args``: ``checkpoint`` (a checkpoint file or training output folder, required), ``device`` (auto),
 ``batch_size`` (16), ``kernels`` (auto, triton, torch), ``dtype`` (fp32, bf16, fp16: autocast),
