@@ -54,7 +54,7 @@ def _check_every(device: torch.device) -> int:
 
 
 def _read_check(worst: torch.Tensor, done: torch.Tensor | None) -> tuple[int, bool]:
-    """The one host read of a check point: the smallest id sampled since the last check (negative: a bad row)
+    """The one host read of a check point: the smallest id sampled so far (negative: a bad row)
     and, when ``done`` is given, whether every row has produced eos (both in one small tensor)."""
     if done is None:
         return int(worst), False
