@@ -539,7 +539,7 @@ std::tuple<at::Tensor, at::Tensor> sample_tokens_cpu(const at::Tensor& logits_in
         const double* prm = row_prm_p ? row_prm_p + r * kNumParams : params.data();
         status[r] = sample_row<scalar_t>(l_p + r * row_stride, V, prm,
                                          prev_p ? prev_p + r * n_prev : nullptr, n_prev, u_p[r], out);
-        ids_p[r] = out.token;
+        ids_p[r] = status[r] == kOk ? out.token : -static_cast<int64_t>(status[r]);
         lp_p[r] = out.logprob;
       }
     });
@@ -557,7 +557,8 @@ std::tuple<at::Tensor, at::Tensor> sample_tokens_cpu(const at::Tensor& logits_in
 TORCH_LIBRARY(gptkernels, m) {
   // params: temperature, top_k, top_p, min_p, repetition_penalty (1, 0, 1, 0, 1 when off) for every row, or per
   // row in row_params, float64 (B, 5). Numbers travel with the launch: no host-to-device copy, no sync.
-  // check=False never raises on bad rows (no GPU sync): they get token -1 and a NaN logprob.
+  // check=False never raises on bad rows (no GPU sync): they get token -(status code, see sampling.h) and a NaN
+  // logprob.
   m.def(
       "sample_tokens(Tensor logits, Tensor uniforms, float[] params, Tensor? row_params, Tensor? prev_tokens, "
       "bool check) -> (Tensor, Tensor)");

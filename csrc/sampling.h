@@ -31,7 +31,8 @@ namespace gptkernels {
 // their neutral value.
 enum Param : int { kTemperature = 0, kTopK = 1, kTopP = 2, kMinP = 3, kPenalty = 4, kNumParams = 5 };
 
-// Row status written by both ops; the first failing check (in this order) wins.
+// Row status written by both ops; the first failing check (in this order) wins. With check=False a bad row's id
+// is -(status), so the reason travels with the ids (every code is >= 1) and is read back only when needed.
 enum Status : int32_t {
   kOk = 0,
   kBadTemperature = 1,

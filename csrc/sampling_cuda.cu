@@ -195,8 +195,9 @@ __global__ void __launch_bounds__(kThreads)
       logprobs[row] = lp;
     }
   };
+  auto fail = [&](int32_t st) { finish(st, -static_cast<int64_t>(st), NAN); };  // id -(status): see sampling.h
   const int32_t bad_param = check_params(prm[kTemperature], prm[kTopK], prm[kTopP], prm[kMinP], prm[kPenalty], u);
-  if (bad_param != kOk) return finish(bad_param, -1, NAN);
+  if (bad_param != kOk) return fail(bad_param);
   const float temperature = static_cast<float>(prm[kTemperature]);
   const int64_t top_k = static_cast<int64_t>(fmin(prm[kTopK], static_cast<double>(vocab)));
   const float top_p = static_cast<float>(prm[kTopP]);
@@ -228,9 +229,9 @@ __global__ void __launch_bounds__(kThreads)
   out_of_range = __syncthreads_or(out_of_range);
   nan = __syncthreads_or(nan);
   pinf = __syncthreads_or(pinf);
-  if (out_of_range) return finish(kPrevOutOfRange, -1, NAN);
-  if (nan) return finish(kNaN, -1, NAN);
-  if (pinf) return finish(kPosInf, -1, NAN);
+  if (out_of_range) return fail(kPrevOutOfRange);
+  if (nan) return fail(kNaN);
+  if (pinf) return fail(kPosInf);
 
   ArgMax mine{-INFINITY, 0x7fffffff};
   for (int j = tid; j < vocab; j += kThreads) {
@@ -241,8 +242,8 @@ __global__ void __launch_bounds__(kThreads)
   if (tid == 0) best = top;
   __syncthreads();
   const float m = best.v;
-  if (m == -INFINITY) return finish(kNoFinite, -1, NAN);
-  if (m == INFINITY) return finish(kTemperatureOverflow, -1, NAN);
+  if (m == -INFINITY) return fail(kNoFinite);
+  if (m == INFINITY) return fail(kTemperatureOverflow);
   if (greedy) return finish(kOk, best.i, 0.0f);
 
   const int shift = mass_shift(vocab);
@@ -268,7 +269,7 @@ __global__ void __launch_bounds__(kThreads)
 
   // The draw: chunk masses, their exclusive scan, and a walk of the chunk that holds the target. (The scan's
   // barriers order these default outputs before the finding thread's.)
-  finish(kNoFinite, -1, NAN);
+  fail(kNoFinite);
   const int chunk = (vocab + kThreads - 1) / kThreads;   // no overflow: vocab <= INT_MAX - kThreads (host check)
   const int j0 = min(tid * chunk, vocab), j1 = j0 + min(chunk, vocab - j0);  // j0 + chunk may exceed INT_MAX
   long long local = 0;

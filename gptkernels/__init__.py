@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "get_tokenizer": ("tokenizer", "get_tokenizer"),
     "sample": ("sampling", "sample"),
+    "check_sampled": ("sampling", "check_sampled"),
     "patch_hf_gpt2": ("patch_hf", "patch_hf_gpt2"),
 }
 
@@ -31,4 +32,13 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["GPT", "GPTConfig", "generate_text", "get_tokenizer", "patch_hf_gpt2", "sample", "__version__"]
+__all__ = [
+    "GPT",
+    "GPTConfig",
+    "check_sampled",
+    "generate_text",
+    "get_tokenizer",
+    "patch_hf_gpt2",
+    "sample",
+    "__version__",
+]

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .sampling import sample
+from .sampling import check_sampled, sample
 
 if TYPE_CHECKING:
     from .model import GPT
@@ -44,6 +44,37 @@ def _check_sampling_args(max_new_tokens: int, temperature: float) -> None:
         raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
 
 
+CHECK_EVERY = 16  # on CUDA, sampling errors are read back every this many tokens (each read is a host sync)
+
+
+def _check_every(device: torch.device) -> int:
+    """How many tokens may pass before the sampled ids are checked for bad rows: 1 (every call raises at once,
+    ``validate=True``) where a check is free, :data:`CHECK_EVERY` on CUDA, where each check is a device sync."""
+    return CHECK_EVERY if device.type == "cuda" else 1
+
+
+def _read_check(worst: torch.Tensor, done: torch.Tensor | None) -> tuple[int, bool]:
+    """The one host read of a check point: the smallest id sampled so far (negative: a bad row)
+    and, when ``done`` is given, whether every row has produced eos (both in one small tensor)."""
+    if done is None:
+        return int(worst), False
+    smallest, all_done = torch.stack((worst, done.all().long())).tolist()
+    return smallest, bool(all_done)
+
+
+def _step_error(step: int, e: ValueError) -> ValueError:
+    return ValueError(f"generation step {step + 1}: {e}")
+
+
+def _raise_first_bad(pending: list[torch.Tensor], first_step: int) -> None:
+    """The error of the first step among ``pending`` (the raw ids since the last check) that holds a bad row."""
+    for i, raw in enumerate(pending):
+        try:
+            check_sampled(raw)
+        except ValueError as e:
+            raise _step_error(first_step + i, e) from None
+
+
 @torch.no_grad()
 def generate_tokens(
     model: GPT,
@@ -64,6 +95,14 @@ def generate_tokens(
     ``context_length`` the window slides and the cache is rebuilt from the last ``context_length`` tokens,
     so the output equals the cache-free computation exactly. Stops early when every row has produced
     ``eos_token``.
+
+    A bad row (NaN or +inf logits, ...) raises ``ValueError("generation step S: sample: row R: <reason>")``, S
+    counted from 1. On the CPU it is raised at step S. On CUDA, where reading a check result is a device sync,
+    the loop does not sync per token for it: bad ids are kept on the device and read back every
+    :data:`CHECK_EVERY` (16) tokens, with the last token, and at every step with ``eos_token`` (folded into the
+    eos read), always before that step's column is yielded. So on CUDA a bad row is reported within 16 tokens,
+    and the up to 15 columns yielded before it hold id 0 in the bad row's place (a consumer that stops
+    early may never see the error). Yielded ids are never negative.
     """
     _check_sampling_args(max_new_tokens, temperature)
     if idx.dim() != 2 or idx.shape[1] == 0:
@@ -73,13 +112,17 @@ def generate_tokens(
     if seed is not None:
         gen = torch.Generator(device=idx.device)
         gen.manual_seed(seed)
+    every = _check_every(idx.device)
+    deferred = every > 1
     was_training = model.training
     model.eval()
     try:
         seq = idx
         caches = None
         done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
+        worst = torch.zeros((), dtype=torch.long, device=idx.device)  # smallest id since the last check
+        pending: list[torch.Tensor] = []  # the raw ids since the last check, to name the step on failure
+        for step in range(max_new_tokens):
             if not use_cache:
                 logits = model(seq[:, -ctx:], last_only=True)[:, -1, :]
             elif caches is None or seq.shape[1] > ctx:
@@ -91,22 +134,41 @@ def generate_tokens(
                 logits = model(seq[:, -1:], kv_caches=caches, last_only=True)[:, -1, :]
             if caches is not None and caches[0].length >= ctx:
                 caches = None  # full: the next step slides the window and rebuilds
-            nxt = sample(
-                logits,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                min_p=min_p,
-                repetition_penalty=repetition_penalty,
-                prev_tokens=seq if repetition_penalty else None,
-                generator=gen,
-            )
+            try:
+                nxt = sample(
+                    logits,
+                    temperature=temperature,
+                    top_k=top_k,
+                    top_p=top_p,
+                    min_p=min_p,
+                    repetition_penalty=repetition_penalty,
+                    prev_tokens=seq if repetition_penalty else None,
+                    generator=gen,
+                    validate=not deferred,
+                )
+            except ValueError as e:
+                raise _step_error(step, e) from None
+            if deferred:
+                # A bad row's id is -(status): remember it, and feed the model a valid id meanwhile (an id out of
+                # the embedding's range would be a device-side assert, fatal to the CUDA context).
+                pending.append(nxt)
+                if nxt.numel():
+                    worst = torch.minimum(worst, nxt.min())
+                nxt = nxt.clamp(min=0)
             if eos_token is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_token), nxt)
                 done |= nxt == eos_token
             seq = torch.cat([seq, nxt[:, None]], dim=1)
+            stop = False
+            if deferred and (eos_token is not None or (step + 1) % every == 0 or step + 1 == max_new_tokens):
+                smallest, stop = _read_check(worst, done if eos_token is not None else None)
+                if smallest < 0:
+                    _raise_first_bad(pending, step + 1 - len(pending))
+                pending.clear()
+            elif eos_token is not None:
+                stop = bool(done.all())
             yield nxt
-            if eos_token is not None and bool(done.all()):
+            if stop:
                 break
     finally:
         model.train(was_training)

@@ -32,9 +32,12 @@ below 1.5e-14 times the top token's).
 
 Errors (``ValueError``): NaN or +inf in the logits, a row with no finite logit, temperature < 0, top_k < 0,
 top_p outside (0, 1], min_p outside [0, 1], repetition_penalty <= 0, ids in prev_tokens outside [0, V). On CUDA the
-data checks cost one device sync per call; ``validate=False`` skips it (bad rows then get id -1). Nothing else
-syncs: numbers travel with the launch and the uniforms are drawn on the device (give a CUDA ``generator`` for CUDA
-logits; a CPU one costs a host-to-device copy).
+data checks cost one device sync per call; ``validate=False`` skips it: a bad row then gets id ``-code``, the
+negated status code of ``csrc/sampling.h`` (1-11, so the reason stays on the device), and :func:`check_sampled`
+raises the very error ``validate=True`` would have raised, later, with one host read. Nothing else syncs: numbers
+travel with the launch and the uniforms are drawn on the device (give a CUDA ``generator`` for CUDA logits; a CPU
+one costs a host-to-device copy). :func:`gptkernels.generation.generate_tokens` uses this on CUDA: it checks the
+ids every 16 tokens (and wherever it reads them anyway), so there a bad row is reported within 16 tokens.
 """
 
 from __future__ import annotations
@@ -48,7 +51,15 @@ import torch
 
 from . import _extension
 
-__all__ = ["HAS_CUDA_EXTENSION", "HAS_EXTENSION", "extension_status", "load_extension", "sample", "sample_reference"]
+__all__ = [
+    "HAS_CUDA_EXTENSION",
+    "HAS_EXTENSION",
+    "check_sampled",
+    "extension_status",
+    "load_extension",
+    "sample",
+    "sample_reference",
+]
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _PARAMS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")  # columns of the (B, 5) params
@@ -154,6 +165,11 @@ def _exp_nonpos(t: torch.Tensor) -> torch.Tensor:
     return torch.where(tiny, 0.0, p * scale)
 
 
+def _row_error(row: int, code: int) -> ValueError:
+    """The error of a bad row, worded as the compiled op words it."""
+    return ValueError(f"sample: row {row}: {_STATUS.get(code, f'unknown status {code}')}")
+
+
 def _mass_shift(vocab: int) -> int:
     return 62 - vocab.bit_length()
 
@@ -190,7 +206,8 @@ def _reference_core(
 
     logits (B, V) float; uniforms (B,) float64 in [0, 1); params (B, 5) float64 = temperature, top_k, top_p,
     min_p, repetition_penalty (neutral: 1, 0, 1, 0, 1); prev_tokens (B, T) int64 or None.
-    Returns ids (B,) int64 and logprobs (B,) float32; bad rows raise ValueError (check) or get -1 / NaN.
+    Returns ids (B,) int64 and logprobs (B,) float32; bad rows raise ValueError (check) or get id -(status code)
+    and a NaN logprob.
     """
     b, v = logits.shape
     lf = logits.float()
@@ -219,7 +236,7 @@ def _reference_core(
     ok = status == 0
     if check and not bool(ok.all()):
         row = int((~ok).nonzero()[0, 0])
-        raise ValueError(f"sample: row {row}: {_STATUS[int(status[row])]}")
+        raise _row_error(row, int(status[row]))
     x = torch.where(ok[:, None], x, 0.0)
     m = torch.where(ok, m, 0.0)
     greedy_ids = x.argmax(dim=1)
@@ -245,7 +262,7 @@ def _reference_core(
 
     ids = torch.where(greedy, greedy_ids, ids.squeeze(1))
     logprobs = torch.where(greedy, 0.0, logprobs)
-    ids = torch.where(ok, ids, -1)
+    ids = torch.where(ok, ids, -status.long())
     logprobs = torch.where(ok, logprobs, math.nan)
     return ids, logprobs
 
@@ -425,7 +442,7 @@ def sample(
             temperature-scaled distribution (0 for greedy rows).
         uniforms: (B,) values in [0, 1) to use instead of drawing them (tests, replay).
         validate: raise ValueError on bad data (NaN, ...). On CUDA this syncs once; False skips the sync and
-            gives such rows id -1 and a NaN logprob.
+            gives such a row id ``-code``, its status code (1-11, see :func:`check_sampled`), and a NaN logprob.
 
     Returns:
         ids (B,) int64, or (ids, logprobs (B,) float32) with ``return_logprobs``; () instead of (B,) for 1-D logits.
@@ -466,3 +483,25 @@ def sample_reference(
     table = _params_table(params, row_params, logits)
     ids, logprobs = _reference_core(logits, uniforms, table, prev_tokens, check=True)
     return _finish(ids, logprobs, squeeze, return_logprobs)
+
+
+def check_sampled(ids: torch.Tensor) -> None:
+    """Raise the ``ValueError`` that ``validate=True`` would have raised for ids drawn with ``validate=False``.
+
+    One host read (``int(ids.min())``) when every row is fine; the first bad row and its reason are read only on
+    failure. On CUDA it is the sync that ``validate=False`` put off, so call it when the ids are read anyway, or
+    once for many steps (e.g. on the running ``torch.minimum`` of the ids, which keeps the worst code).
+
+    Args:
+        ids: (B,) or () int64 ids from :func:`sample` with ``validate=False``: a token id >= 0, or ``-code`` for a
+            bad row (code: 1 temperature, 2 top_k, 3 top_p, 4 min_p, 5 repetition_penalty, 6 uniforms,
+            7 prev_tokens, 8 NaN logits, 9 +inf logits, 10 no finite logit, 11 logits / temperature overflow).
+
+    Raises:
+        ValueError: ``sample: row R: <reason>`` for the first row R whose id is negative.
+    """
+    if ids.numel() == 0 or int(ids.min()) >= 0:
+        return
+    flat = ids.reshape(-1)
+    row = int((flat < 0).nonzero()[0, 0])
+    raise _row_error(row, -int(flat[row]))

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -131,3 +133,140 @@ def test_all_sampling_settings_reach_the_sampling_op(monkeypatch):
     )
     assert last["prev_tokens"].shape == (1, 6) and torch.equal(last["prev_tokens"][:, :4], idx)
     assert isinstance(last["generator"], torch.Generator)
+
+
+# ---- sampling errors: checked at once on the CPU, every 16 tokens on CUDA (forced here on the CPU) ----------
+
+
+@pytest.fixture
+def deferred(monkeypatch):
+    """Run generation with the CUDA policy: validate=False, the ids checked every CHECK_EVERY tokens."""
+    import gptkernels.generation as generation
+
+    monkeypatch.setattr(generation, "_check_every", lambda device: generation.CHECK_EVERY)
+
+
+def _nan_at(model, step, row=1):
+    """Make the logits of ``row`` NaN at generation step ``step`` (counted from 1)."""
+    calls = []
+
+    def hook(module, inputs, out):
+        calls.append(1)
+        if len(calls) == step:
+            out = out.clone()
+            out[row] = float("nan")
+            return out
+
+    return model.lm_head.register_forward_hook(hook)
+
+
+def _yields_until_error(model, idx, n, **kw):
+    from gptkernels.generation import generate_tokens
+
+    cols = []
+    with pytest.raises(ValueError) as err:
+        for col in generate_tokens(model, idx, n, **kw):
+            cols.append(col)
+    return cols, str(err.value)
+
+
+@pytest.mark.parametrize(
+    "nan_step, n, eos, raised_at",
+    [
+        (5, 40, None, 16),  # the next check point
+        (16, 40, None, 16),
+        (17, 20, None, 20),  # the last token is a check point
+        (5, 40, 50256, 5),  # with eos every step is read anyway: the check rides on that read
+    ],
+)
+def test_deferred_checks_report_a_bad_row_by_the_next_check_point(deferred, nan_step, n, eos, raised_at):
+    model = small_model()
+    idx = torch.randint(0, 50257, (2, 3))
+    _nan_at(model, nan_step)
+    cols, message = _yields_until_error(model, idx, n, temperature=0.9, top_k=50, seed=1, eos_token=eos)
+    assert message == f"generation step {nan_step}: sample: row 1: logits contain NaN"
+    assert len(cols) == raised_at - 1  # raised before the column of the check point is yielded
+    assert all(bool((c >= 0).all()) for c in cols)  # the bad row's id never reaches the caller or the model
+
+
+def test_immediate_checks_raise_at_the_bad_step():
+    model = small_model()
+    _nan_at(model, 5)
+    cols, message = _yields_until_error(model, torch.randint(0, 50257, (2, 3)), 40, temperature=0.9, seed=1)
+    assert message == "generation step 5: sample: row 1: logits contain NaN"
+    assert len(cols) == 4
+
+
+@pytest.mark.parametrize("use_eos", [False, True])
+def test_deferred_checks_draw_the_same_tokens(monkeypatch, use_eos):
+    """Same seed, same tokens with checks at once and every 16 tokens (sliding window, penalty and eos included)."""
+    from gptkernels import generation
+
+    model = small_model()
+    idx = torch.randint(0, 50257, (2, 5))
+    kw = dict(temperature=1.1, top_k=100, top_p=0.95, repetition_penalty=1.3, seed=7)
+
+    def run():
+        return torch.stack(list(generation.generate_tokens(model, idx, 40, eos_token=eos, **kw)), dim=1)
+
+    eos = None
+    immediate = run()
+    if use_eos:  # one row's 7th token, so that row finishes early and the other one goes on
+        eos = int(immediate[0, 6])
+        immediate = run()
+        assert (immediate[0, 6:] == eos).all()
+    monkeypatch.setattr(generation, "_check_every", lambda device: generation.CHECK_EVERY)
+    assert torch.equal(run(), immediate)
+
+
+def test_deferred_checks_read_the_host_once_per_16_tokens(monkeypatch, deferred):
+    """No sync per token on CUDA cannot be shown on the CPU; the host reads of the check can be counted:
+    ceil(40 / 16) = 3 for 40 tokens, every sample call without validation."""
+    from gptkernels import generation
+
+    reads, validates = [], []
+    real_read, real_sample = generation._read_check, generation.sample
+
+    def read(worst, done):
+        reads.append(done is not None)
+        return real_read(worst, done)
+
+    def sample(logits, **kw):
+        validates.append(kw["validate"])
+        return real_sample(logits, **kw)
+
+    monkeypatch.setattr(generation, "_read_check", read)
+    monkeypatch.setattr(generation, "sample", sample)
+    monkeypatch.setattr(generation, "check_sampled", lambda ids: pytest.fail("check_sampled runs only on failure"))
+    model = small_model()
+    out = model.generate(torch.randint(0, 50257, (2, 3)), 40, temperature=0.8, seed=0)
+    assert out.shape == (2, 43)
+    assert reads == [False] * math.ceil(40 / 16)
+    assert validates == [False] * 40
+    assert generation._check_every(torch.device("cuda")) == 16 and generation.CHECK_EVERY == 16
+
+
+_HOST_READS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "cpu", "numpy")
+
+
+@pytest.mark.parametrize("eos, expected", [(None, 3), (50256, 40)])
+def test_deferred_generation_reads_the_host_only_at_check_points(monkeypatch, deferred, eos, expected):
+    """Every tensor -> host read of the whole loop (model included) is counted: ceil(40 / 16) = 3 without eos;
+    with eos one per token, the eos read that was there before (the check rides on it)."""
+    from gptkernels.generation import generate_tokens
+
+    model = small_model()
+    idx = torch.randint(0, 50257, (2, 3))
+    reads = []
+    for name in _HOST_READS:
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            reads.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    cols = list(generate_tokens(model, idx, 40, temperature=0.8, seed=0, eos_token=eos))
+    monkeypatch.undo()
+    assert len(cols) == 40
+    assert len(reads) == expected, reads

@@ -7,6 +7,7 @@ many or too few fails that at once. Random draws from a generator are checked wi
 """
 
 import math
+import re
 import warnings
 
 import pytest
@@ -354,8 +355,102 @@ def test_validate_false_marks_bad_rows_instead_of_raising(device):
     logits = torch.randn(3, 10, device=device)
     logits[1, 0] = math.nan
     ids, lp = sample(logits, top_k=3, return_logprobs=True, validate=False)
-    assert ids[1] == -1 and torch.isnan(lp[1])
+    assert ids[1] == -8 and torch.isnan(lp[1])  # -(status code): 8 is NaN logits
     assert 0 <= ids[0] < 10 and 0 <= ids[2] < 10
+
+
+def _bad_rows(device):
+    """Logits and per-row settings of a (12, V) batch whose row r fails with status code r + 1; row 11 is fine."""
+    b, v = 12, 10
+    logits = torch.randn(b, v, device=device)
+    neutral = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0}
+    col = {name: torch.full((b,), good, dtype=torch.float64, device=device) for name, good in neutral.items()}
+    col["temperature"][0] = -1.0  # 1
+    col["top_k"][1] = -1  # 2
+    col["top_p"][2] = 1.5  # 3
+    col["min_p"][3] = 1.1  # 4
+    col["repetition_penalty"][4] = 0.0  # 5
+    uniforms = torch.rand(b, dtype=torch.float64, device=device)
+    uniforms[5] = 1.0  # 6
+    prev = torch.zeros(b, 2, dtype=torch.long, device=device)
+    prev[6, 1] = v  # 7
+    logits[7, 3] = math.nan  # 8
+    logits[8, 5] = math.inf  # 9
+    logits[9] = -math.inf  # 10
+    logits[10] = 3e38  # 11, with:
+    col["temperature"][10] = 1e-3
+    col["top_k"] = col["top_k"].long()
+    return logits, dict(**col, prev_tokens=prev, uniforms=uniforms)
+
+
+def _rows(kw, rows):
+    return {k: x[rows] for k, x in kw.items()}
+
+
+def _sample_unchecked(impl, monkeypatch, logits, **kw):
+    """sample(validate=False) through the compiled op ("ext") or the PyTorch implementation ("ref")."""
+    if impl == "ref":
+        monkeypatch.setattr(sampling, "HAS_EXTENSION", False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return sample(logits, return_logprobs=True, validate=False, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback warning would mean the op did not run
+        return sample(logits, return_logprobs=True, validate=False, **kw)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_validate_false_gives_minus_the_status_code(impl, monkeypatch, device):
+    """Every status code 1..11 comes back as id -code (the reason stays on the device), NaN logprob."""
+    logits, kw = _bad_rows(device)
+    ids, lp = _sample_unchecked(impl, monkeypatch, logits, **kw)
+    assert ids[:11].tolist() == [-c for c in range(1, 12)]
+    assert torch.isnan(lp[:11]).all()
+    assert 0 <= int(ids[11]) < 10 and not torch.isnan(lp[11])
+
+
+@needs_ext
+def test_bad_rows_same_bits_in_op_and_reference(monkeypatch, device):
+    logits, kw = _bad_rows(device)
+    ext = _sample_unchecked("ext", monkeypatch, logits, **kw)
+    ref = _sample_unchecked("ref", monkeypatch, logits, **kw)
+    assert torch.equal(ext[0], ref[0])
+    torch.testing.assert_close(ext[1], ref[1], atol=0, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_check_sampled_raises_what_validate_raises(impl, monkeypatch, device):
+    """For each bad row r (alone after a good row): check_sampled(ids of validate=False) raises the same error
+    as validate=True; ids of good rows pass."""
+    logits, kw = _bad_rows(device)
+    for r in range(11):
+        rows = torch.tensor([11, r], device=device)
+        with pytest.raises(ValueError) as immediate:
+            sample(logits[rows], validate=True, **_rows(kw, rows))
+        ids, _ = _sample_unchecked(impl, monkeypatch, logits[rows], **_rows(kw, rows))
+        with pytest.raises(ValueError) as deferred:
+            sampling.check_sampled(ids)
+        assert str(deferred.value) == str(immediate.value)
+        assert str(deferred.value).startswith("sample: row 1: ")
+        monkeypatch.undo()
+    ids, _ = _sample_unchecked(impl, monkeypatch, logits, **kw)
+    with pytest.raises(ValueError, match=r"^sample: row 0: temperature must be"):  # the first bad row
+        sampling.check_sampled(ids)
+
+
+def test_check_sampled_shapes_and_codes():
+    from gptkernels import check_sampled  # exported beside sample
+
+    assert check_sampled(torch.tensor([0, 5, 3])) is None
+    assert check_sampled(torch.tensor(7)) is None
+    assert check_sampled(torch.empty(0, dtype=torch.long)) is None
+    with pytest.raises(ValueError, match=r"^sample: row 0: logits contain \+inf$"):
+        check_sampled(torch.tensor(-9))
+    for code, message in sampling._STATUS.items():
+        with pytest.raises(ValueError, match=f"^sample: row 2: {re.escape(message)}$"):
+            check_sampled(torch.tensor([4, 0, -code, -1]))
+    with pytest.raises(ValueError, match="row 0: unknown status 99"):
+        check_sampled(torch.tensor([-99]))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
