@@ -217,7 +217,8 @@ def test_decoding_rows_move_past_a_half_prefilled_sequence(model, tok):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0, msg=rid)
 
 
-def test_a_row_with_nan_logits_ends_alone(model, tok, monkeypatch):
+@pytest.mark.parametrize("logprobs", [None, 1], ids=["plain", "logprobs"])
+def test_a_row_with_nan_logits_ends_alone(model, tok, monkeypatch, logprobs):
     engine = Engine(model, tok, max_batch_size=2, eos_token_id=None)
     decode = engine._decode
 
@@ -226,7 +227,7 @@ def test_a_row_with_nan_logits_ends_alone(model, tok, monkeypatch):
         return torch.where(torch.tensor([s.request_id == "bad" for s in seqs])[:, None], torch.nan, logits)
 
     monkeypatch.setattr(engine, "_decode", poisoned)
-    engine.add_request([1, 2, 3], SamplingParams(max_tokens=10, temperature=0), request_id="bad")
+    engine.add_request([1, 2, 3], SamplingParams(max_tokens=10, temperature=0, logprobs=logprobs), request_id="bad")
     engine.add_request([4, 5], SamplingParams(max_tokens=10, temperature=0.7, seed=3), request_id="good")
     outs = run(engine)
     assert outs["bad"].finish_reason == "error" and len(outs["bad"].token_ids) == 1  # from the prefill

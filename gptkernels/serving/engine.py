@@ -434,7 +434,7 @@ class Engine:
             repetition_penalty=penalty,
             prev_tokens=prev,
             uniforms=uniforms,
-            validate=False,  # a bad row (NaN logits) gets id -1 and ends alone; the others go on
+            validate=False,  # a bad row (NaN logits) gets a negative id (-status) and ends alone; the others go on
         ).tolist()
         want = [i for i, p in enumerate(ps) if p.logprobs is not None]
         if not want:
@@ -442,7 +442,9 @@ class Engine:
         lp = torch.log_softmax(raw[want].float(), dim=-1)
         k = max(ps[i].logprobs for i in want)
         top_v, top_i = lp.topk(max(k, 1), dim=-1)
-        chosen = lp.gather(1, torch.tensor([[tokens[i]] for i in want], device=dev))[:, 0].tolist()
+        # A bad row's negative id would index out of range (a device-side assert on CUDA): it ends with "error"
+        # and its logprob is dropped, so gather any valid index for it.
+        chosen = lp.gather(1, torch.tensor([[max(tokens[i], 0)] for i in want], device=dev))[:, 0].tolist()
         result: list[TokenLogprob | None] = [None] * len(rows)
         for j, i in enumerate(want):
             n = ps[i].logprobs
