@@ -186,14 +186,15 @@ def test_dropout_rate_is_quantised_to_bytes(device):
 
 
 def test_dropout_mask_does_not_depend_on_the_tiles(device):
-    """The RNG has three paths by key-tile width (multiples of 64, 32, anything else); the interpreter's attention
-    tiles take only the last two, so compare all of them (and odd row tiles) through the debug kernel."""
+    """The RNG has three paths by key-tile width (multiples of 64, 32, anything else) and two by row-tile height
+    (multiples of 16 or not); the interpreter's attention tiles take only some, so compare them all through the
+    debug kernel."""
     from gptkernels.ops.attention import _dropout_mask_kernel, _grid
 
     B, H, Tq, Tk, p = 1, 2, 40, 200, 0.3
     seed = dropout_seed(device)
     masks = []
-    for block_m, block_n in [(32, 32), (16, 16), (16, 64), (32, 128)]:
+    for block_m, block_n in [(32, 32), (16, 16), (16, 64), (32, 128), (8, 32), (64, 16)]:
         mask = torch.empty((B, H, Tq, Tk), dtype=torch.int8, device=device)
         grid = (*_grid(Tq, block_m, B * H), triton.cdiv(Tk, block_n))
         _dropout_mask_kernel[grid](seed, mask, Tq, Tk, dropout_rate(p), BLOCK_M=block_m, BLOCK_N=block_n)

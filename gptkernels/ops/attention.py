@@ -126,43 +126,58 @@ def _philox(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
-def _dropout_keep(seed, bh, rows, start_n, T_K, dropout_p, BLOCK_N: tl.constexpr, KEYS_FIRST: tl.constexpr):
-    """Keep-mask (True = kept) of the attention-matrix elements (rows, keys start_n + [0, BLOCK_N)) of head bh:
-    (len(rows), BLOCK_N), or (BLOCK_N, len(rows)) when KEYS_FIRST (the dk/dv kernel's transposed tiles).
+def _dropout_keep(seed, bh, start_m, start_n, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  KEYS_FIRST: tl.constexpr):
+    """Keep-mask (True = kept) of the attention-matrix elements (rows start_m + [0, BLOCK_M), keys start_n +
+    [0, BLOCK_N)) of head bh: (BLOCK_M, BLOCK_N), or (BLOCK_N, BLOCK_M) when KEYS_FIRST (the dk/dv kernel's
+    transposed tiles). start_m and start_n must be multiples of BLOCK_M and BLOCK_N.
 
     Counter-based, so the forward, the backward and the debug kernel regenerate the same mask whatever their
     tiles. 8-bit uniforms, as in FlashAttention-2: one Philox4x32-10 call serves 16 elements (a call per
     element, 3 of its 4 words unused, made the RNG cost more than the rest of the kernel; a call per 8 elements
-    with 16-bit uniforms still doubled the key loop). The call keyed by (seed, head) at counter
-    (row, key // 64 * 4 + key % 8 // 2, 0, 0) serves the 16 keys of that row with the same counter, key j taking
-    byte j // 32 % 2 * 2 + j % 2 of word j // 8 % 4. That grouping matches the MMA accumulator layout, where a
-    thread holds column pairs 8 apart, so the compiler finds the 16 identical calls in one thread and makes them
-    one. Kept when the byte is >= t = round(256 * dropout_p): the drop rate is t / 256, which the launchers
-    make dropout_p itself (:func:`dropout_rate`), so that 1 / (1 - dropout_p) keeps the expectation exact.
-    start_n must be a multiple of BLOCK_N.
+    with 16-bit uniforms still doubled the forward's key loop). The call keyed by (seed, head) at counter
+    (i // 16 * 8 + i % 8, j // 64, j // 32 % 2 * 4 + j % 8 // 2, 0) serves the 2 x 8 elements (rows i and i + 8
+    for i % 16 < 8) x (keys j + 8 * [0, 4) for j % 32 < 8, pairs j, j + 1 for even j), element (i, j) taking byte
+    i // 8 % 2 * 2 + j % 2 of word j // 8 % 4. That block matches the MMA accumulator layout, where a thread
+    holds rows 8 apart and column pairs 8 apart: in the forward and dq tiles a thread's 2 rows x 16 keys take
+    2 calls, in dk/dv's transposed tiles its 2 keys x 8 queries take 4 (one row per call would take 8), and the
+    compiler finds the identical calls in one thread and makes them one. The key span j // 64, the only
+    counter that changes from one key tile to the next, is shared by a thread's calls. Kept when the byte is
+    >= t = round(256 * dropout_p): the drop rate is t / 256, which the launchers make dropout_p itself
+    (:func:`dropout_rate`), so that 1 / (1 - dropout_p) keeps the expectation exact.
     """
     k0 = seed.to(tl.uint32)
     k1 = (seed >> 32).to(tl.uint32) ^ bh.to(tl.uint32)
     n = tl.arange(0, BLOCK_N)
     if BLOCK_N % 64 == 0:  # start_n is a multiple of 64: keep it out of the per-register terms
         span = start_n // 64 + n // 64
-        upper = n // 32 % 2
-    elif BLOCK_N == 32:  # start_n is a multiple of 32: the whole tile is in one span, one half of it
+        sub = n // 32 % 2 * 4 + n % 8 // 2
+    elif BLOCK_N == 32:  # start_n is a multiple of 32: the tile is one half of one span
         span = tl.zeros_like(n) + start_n // 64
-        upper = tl.zeros_like(n) + start_n // 32 % 2
+        sub = start_n // 32 % 2 * 4 + n % 8 // 2
     else:
         n = start_n + n
         span = n // 64
-        upper = n // 32 % 2
-    group = span * 4 + n % 8 // 2
+        sub = n // 32 % 2 * 4 + n % 8 // 2
     word = n // 8 % 4
-    shift = ((1 - upper) * 16 + (1 - n % 2) * 8).to(tl.uint32)  # 24 - 8 * the byte (upper * 2 + n % 2)
-    if KEYS_FIRST:
-        group, row, word, shift = group[:, None], rows[None, :], word[:, None], shift[:, None]
+    low_key = 1 - n % 2
+    m = tl.arange(0, BLOCK_M)
+    if BLOCK_M % 16 == 0:
+        pair = start_m // 16 * 8 + m // 16 * 8 + m % 8  # rows r and r + 8 share a call
     else:
-        group, row, word, shift = group[None, :], rows[:, None], word[None, :], shift[None, :]
-    zero = tl.zeros_like(group + row).to(tl.uint32)
-    r0, r1, r2, r3 = _philox(row.to(tl.uint32) + zero, group.to(tl.uint32) + zero, zero, zero, k0, k1)
+        m = start_m + m
+        pair = m // 16 * 8 + m % 8
+    low_row = 1 - m // 8 % 2
+    if KEYS_FIRST:
+        span, sub, word, low_key = span[:, None], sub[:, None], word[:, None], low_key[:, None]
+        row, low_row = pair[None, :], low_row[None, :]
+    else:
+        span, sub, word, low_key = span[None, :], sub[None, :], word[None, :], low_key[None, :]
+        row, low_row = pair[:, None], low_row[:, None]
+    shift = (low_row * 16 + low_key * 8).to(tl.uint32)  # 24 - 8 * the byte (rows // 8 % 2 * 2 + key % 2)
+    zero = tl.zeros_like(span + row).to(tl.uint32)
+    row, span, sub = row.to(tl.uint32) + zero, span.to(tl.uint32) + zero, sub.to(tl.uint32) + zero
+    r0, r1, r2, r3 = _philox(row, span, sub, zero, k0, k1)
     r = tl.where(word < 2, tl.where(word == 0, r0, r1), tl.where(word == 2, r2, r3))
     # byte >= t  <=>  (word shifted or rotated to bring the byte to the top) >= t << 24: no byte is extracted.
     # Words 1 and 3 are the low halves of the last products, and the shift folds into the multiply (one
@@ -195,8 +210,9 @@ def _attn_fwd_inner(
     acc, l_i, m_i, q,  # running output (BLOCK_M, BLOCK_D) fp32, row sum and row max (BLOCK_M,), q tile
     k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,  # this head's k and v
     offs_m, offs_d, lo, hi,  # query rows of the tile; key range [lo, hi) to visit
-    T_K, shift, qk_scale, seed, bh, dropout_p,
-    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    start_m, T_K, shift, qk_scale, seed, bh, dropout_p,  # start_m: the tile's first row, offs_m[0]
+    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     MASK: tl.constexpr,  # apply the causal mask and the key bound (diagonal / last tiles)
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
 ):
@@ -220,7 +236,8 @@ def _attn_fwd_inner(
             # Dropped scores take a zero LLVM cannot see as a constant (dropout_p * 0.0, computed once): with a
             # literal 0 it moves the select after the fp16 conversion, where each element costs two more
             # instructions (unpacking and repacking the fp16 pairs).
-            p = tl.where(_dropout_keep(seed, bh, offs_m, start_n, T_K, dropout_p, BLOCK_N, False), p, dropout_p * 0.0)
+            keep = _dropout_keep(seed, bh, start_m, start_n, dropout_p, BLOCK_M, BLOCK_N, False)
+            p = tl.where(keep, p, dropout_p * 0.0)
         v = _load_tile(v_base + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
                        offs_n, T_K, offs_d, HEAD_DIM, MASK, HEAD_PAD)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
@@ -271,13 +288,13 @@ def _attn_fwd_kernel(
         hi = T_K
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, offs_m, offs_d, 0, full_end,
-        T_K, shift, qk_scale, seed, bh, dropout_p,
-        HEAD_DIM, HEAD_PAD, BLOCK_N, DOT_PRECISION, False, CAUSAL, DROPOUT,
+        start_m, T_K, shift, qk_scale, seed, bh, dropout_p,
+        HEAD_DIM, HEAD_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION, False, CAUSAL, DROPOUT,
     )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, offs_m, offs_d, full_end, hi,
-        T_K, shift, qk_scale, seed, bh, dropout_p,
-        HEAD_DIM, HEAD_PAD, BLOCK_N, DOT_PRECISION, True, CAUSAL, DROPOUT,
+        start_m, T_K, shift, qk_scale, seed, bh, dropout_p,
+        HEAD_DIM, HEAD_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION, True, CAUSAL, DROPOUT,
     )
 
     inv_l = 1.0 / l_i
@@ -334,13 +351,13 @@ def _attn_fwd_split_kernel(
     v_base = V + b * stride_vb + h * stride_vh
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, offs_m, offs_d, lo, full_end,
-        T_K, 0, qk_scale, seed, bh, dropout_p,
-        HEAD_DIM, HEAD_PAD, BLOCK_N, DOT_PRECISION, False, False, DROPOUT,
+        start_m, T_K, 0, qk_scale, seed, bh, dropout_p,
+        HEAD_DIM, HEAD_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION, False, False, DROPOUT,
     )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, offs_m, offs_d, full_end, hi,
-        T_K, 0, qk_scale, seed, bh, dropout_p,
-        HEAD_DIM, HEAD_PAD, BLOCK_N, DOT_PRECISION, True, False, DROPOUT,
+        start_m, T_K, 0, qk_scale, seed, bh, dropout_p,
+        HEAD_DIM, HEAD_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION, True, False, DROPOUT,
     )
     inv_l = 1.0 / l_i
     if DROPOUT:
@@ -381,8 +398,9 @@ def _attn_bwd_dq_inner(
     dq, q, do, lse, delta,  # dq accumulator (BLOCK_M, BLOCK_D) fp32; the query tile's q, dO, lse (log2), delta
     k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
     offs_m, offs_d, lo, hi,
-    T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,  # keep_scale = 1 / (1 - dropout_p)
-    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    start_m, T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,  # start_m = offs_m[0]; keep_scale = 1 / (1 - p)
+    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -400,8 +418,8 @@ def _attn_bwd_dq_inner(
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, start_n, T_K, dropout_p, BLOCK_N, False)
-            dp = tl.where(keep, dp * keep_scale, 0.0)
+            keep = _dropout_keep(seed, bh, start_m, start_n, dropout_p, BLOCK_M, BLOCK_N, False)
+            dp = tl.where(keep, dp, 0.0) * keep_scale  # an FFMA with the "- delta" below
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
@@ -462,13 +480,13 @@ def _attn_bwd_dq_kernel(
         hi = T_K
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, offs_m, offs_d,
-        0, full_end, T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,
-        HEAD_DIM, HEAD_PAD, BLOCK_N, DOT_PRECISION, False, CAUSAL, DROPOUT,
+        0, full_end, start_m, T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,
+        HEAD_DIM, HEAD_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION, False, CAUSAL, DROPOUT,
     )
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, offs_m, offs_d,
-        full_end, hi, T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,
-        HEAD_DIM, HEAD_PAD, BLOCK_N, DOT_PRECISION, True, CAUSAL, DROPOUT,
+        full_end, hi, start_m, T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,
+        HEAD_DIM, HEAD_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION, True, CAUSAL, DROPOUT,
     )
     dq = dq * sm_scale
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd
@@ -511,9 +529,9 @@ def _attn_bwd_dkdv_inner(
             pt = tl.where(offs_n[:, None] <= offs_m[None, :] + shift, pt, 0.0)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, start_n, T_K, dropout_p, BLOCK_N, True)
-            pzt = tl.where(keep, pt * keep_scale, dropout_p * 0.0)  # a zero kept in fp32: see _attn_fwd_inner
-            dpt = tl.where(keep, dpt * keep_scale, 0.0)
+            keep = _dropout_keep(seed, bh, start_m, start_n, dropout_p, BLOCK_M, BLOCK_N, True)
+            pzt = tl.where(keep, pt, dropout_p * 0.0)  # a zero kept in fp32 (see _attn_fwd_inner); dv scaled last
+            dpt = tl.where(keep, dpt, 0.0) * keep_scale  # an FFMA with the "- delta" below
         else:
             pzt = pt
         dv = tl.dot(pzt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
@@ -594,6 +612,8 @@ def _attn_bwd_dkdv_kernel(
     )
 
     dk = dk * sm_scale
+    if DROPOUT:
+        dv = dv * keep_scale  # the kept P's scale, taken out of the loop
     col_ok = offs_d[None, :] < HEAD_DIM
     row_ok = offs_n[:, None] < T_K
     dk_ptrs = DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd
@@ -616,7 +636,7 @@ def _dropout_mask_kernel(
     start_m, bh = _program_tile(T_Q, BLOCK_M, False)  # grid: (query tiles * B*H, key tiles)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(tl.load(SEED), bh, offs_m, tl.program_id(1) * BLOCK_N, T_K, dropout_p, BLOCK_N, False)
+    keep = _dropout_keep(tl.load(SEED), bh, start_m, tl.program_id(1) * BLOCK_N, dropout_p, BLOCK_M, BLOCK_N, False)
     ptrs = MASK + (bh.to(tl.int64) * T_Q + offs_m[:, None]) * T_K + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < T_Q) & (offs_n[None, :] < T_K))
 # fmt: on
