@@ -136,15 +136,15 @@ def _dropout_keep(seed, bh, start_m, start_n, dropout_p, BLOCK_M: tl.constexpr, 
     tiles. 8-bit uniforms, as in FlashAttention-2: one Philox4x32-10 call serves 16 elements (a call per
     element, 3 of its 4 words unused, made the RNG cost more than the rest of the kernel; a call per 8 elements
     with 16-bit uniforms still doubled the forward's key loop). The call keyed by (seed, head) at counter
-    (i // 16 * 8 + i % 8, j // 64, j // 32 % 2 * 4 + j % 8 // 2, 0) serves the 2 x 8 elements (rows i and i + 8
-    for i % 16 < 8) x (keys j + 8 * [0, 4) for j % 32 < 8, pairs j, j + 1 for even j), element (i, j) taking byte
-    i // 8 % 2 * 2 + j % 2 of word j // 8 % 4. That block matches the MMA accumulator layout, where a thread
-    holds rows 8 apart and column pairs 8 apart: in the forward and dq tiles a thread's 2 rows x 16 keys take
-    2 calls, in dk/dv's transposed tiles its 2 keys x 8 queries take 4 (one row per call would take 8), and the
-    compiler finds the identical calls in one thread and makes them one. The key span j // 64, the only
-    counter that changes from one key tile to the next, is shared by a thread's calls. Kept when the byte is
-    >= t = round(256 * dropout_p): the drop rate is t / 256, which the launchers make dropout_p itself
-    (:func:`dropout_rate`), so that 1 / (1 - dropout_p) keeps the expectation exact.
+    (i // 16 * 8 + i % 8, j // 64, j // 32 % 2 * 4 + j % 8 // 2, 0) serves the 2 x 8 elements (i, j) with that
+    counter: rows i0 and i0 + 8 (i0 % 16 < 8) x keys j0 + 8a + b (a < 4, b < 2; j0 % 32 < 8, even), element
+    (i, j) taking byte i // 8 % 2 * 2 + j % 2 of word j // 8 % 4. That block matches the MMA accumulator
+    layout, where a thread holds rows 8 apart and column pairs 8 apart: in the forward and dq tiles a thread's
+    2 rows x 16 keys take 2 calls, in dk/dv's transposed tiles its 2 keys x 8 queries take 4 (one row per call
+    would take 8), and the compiler finds the identical calls in one thread and makes them one. The key span
+    j // 64, the only counter that changes from one key tile to the next, is shared by a thread's calls. Kept
+    when the byte is >= t = round(256 * dropout_p): the drop rate is t / 256, which the launchers make
+    dropout_p itself (:func:`dropout_rate`), so that 1 / (1 - dropout_p) keeps the expectation exact.
     """
     k0 = seed.to(tl.uint32)
     k1 = (seed >> 32).to(tl.uint32) ^ bh.to(tl.uint32)
