@@ -26,6 +26,19 @@ def causal_mask(tq: int, tk: int, device: torch.device) -> torch.Tensor:
     return j <= i
 
 
+def dropout_rate(dropout_p: float) -> float:
+    """The drop rate the Triton kernels apply for ``dropout_p``: t / 256 with t = round(256 * dropout_p).
+
+    Their RNG draws 8-bit uniforms, so the rate is quantised to 1/256 steps: within 1/512 of ``dropout_p``
+    for 1/512 <= dropout_p <= 511/512. t is clamped to [1, 255], so a positive ``dropout_p`` below 1/512 still
+    drops (1/256 of the scores) rather than silently none, and one above 511/512 drops 255/256. Kept scores are
+    scaled by 1 / (1 - rate), so the output's expectation is exact.
+    """
+    if dropout_p <= 0.0:
+        return 0.0
+    return min(max(math.floor(dropout_p * 256.0 + 0.5), 1), 255) / 256.0
+
+
 def attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -38,7 +51,8 @@ def attention_reference(
     """Materialising attention, the oracle for the kernel.
 
     ``dropout_mask`` (B, H, Tq, Tk) bool, True = kept, replaces random dropout so that tests can compare the
-    kernel with the reference under the same mask; kept probabilities are scaled by ``1 / (1 - dropout_p)``.
+    kernel with the reference under the same mask (:func:`attention_dropout_mask`); kept probabilities are then
+    scaled like the kernel's, by ``1 / (1 - dropout_rate(dropout_p))`` (:func:`dropout_rate`).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     s = (q @ k.transpose(-2, -1)) * scale
@@ -46,7 +60,7 @@ def attention_reference(
         s = s.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
     p = torch.softmax(s.float(), dim=-1).to(q.dtype)
     if dropout_mask is not None:
-        p = p * dropout_mask / (1.0 - dropout_p)
+        p = p * dropout_mask / (1.0 - dropout_rate(dropout_p))
     elif dropout_p > 0.0:
         p = F.dropout(p, dropout_p)
     return p @ v
@@ -94,37 +108,84 @@ def _load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK
 
 
 @triton.jit
-def _dropout_keep(seed, bh, rows, start_n, T_K, dropout_p, BLOCK_N: tl.constexpr, KEYS_FIRST: tl.constexpr):
-    """Keep-mask (True = kept) of the attention-matrix elements (rows, keys start_n + [0, BLOCK_N)) of head bh:
-    (len(rows), BLOCK_N), or (BLOCK_N, len(rows)) when KEYS_FIRST (the dk/dv kernel's transposed tiles).
+def _philox(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 (Random123's philox4x32_10, what tl.philox computes) of uint32 counters under key (k0, k1).
+
+    Each round's two 32x32-bit products are taken as 64-bit products, one IMAD.WIDE.U32 each that yields both
+    halves, where tl.philox's separate high and low multiplies cost two instructions.
+    """
+    for _ in tl.static_range(10):
+        p0 = c0.to(tl.uint64) * 0xD2511F53
+        p2 = c2.to(tl.uint64) * 0xCD9E8D57
+        c0, c1, c2, c3 = (
+            (p2 >> 32).to(tl.uint32) ^ c1 ^ k0, p2.to(tl.uint32), (p0 >> 32).to(tl.uint32) ^ c3 ^ k1, p0.to(tl.uint32)
+        )
+        k0 = tl.add(k0, 0x9E3779B9, sanitize_overflow=False)
+        k1 = tl.add(k1, 0xBB67AE85, sanitize_overflow=False)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _dropout_keep(seed, bh, start_m, start_n, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  KEYS_FIRST: tl.constexpr):
+    """Keep-mask (True = kept) of the attention-matrix elements (rows start_m + [0, BLOCK_M), keys start_n +
+    [0, BLOCK_N)) of head bh: (BLOCK_M, BLOCK_N), or (BLOCK_N, BLOCK_M) when KEYS_FIRST (the dk/dv kernel's
+    transposed tiles). start_m and start_n must be multiples of BLOCK_M and BLOCK_N.
 
     Counter-based, so the forward, the backward and the debug kernel regenerate the same mask whatever their
-    tiles. One Philox4x32-10 call per 8 elements (a call per element, 3 of its 4 words unused, made the RNG cost
-    more than the rest of the kernel): the call keyed by (seed, head) at counter (row, key // 32 * 4 + key % 8 // 2)
-    serves the 8 keys of that row with the same counter, key j taking 16-bit half j % 2 of word j // 8 % 4. That
-    grouping matches the MMA accumulator layout, where a thread holds column pairs 8 apart, so the compiler
-    finds the 8 identical calls in one thread and makes them one. Kept when the uniform is >= round(p * 2**16):
-    the drop rate is dropout_p to within 2**-17. start_n must be a multiple of BLOCK_N.
+    tiles. 8-bit uniforms, as in FlashAttention-2: one Philox4x32-10 call serves 16 elements (a call per
+    element, 3 of its 4 words unused, made the RNG cost more than the rest of the kernel; a call per 8 elements
+    with 16-bit uniforms still doubled the forward's key loop). The call keyed by (seed, head) at counter
+    (i // 16 * 8 + i % 8, j // 64, j // 32 % 2 * 4 + j % 8 // 2, 0) serves the 2 x 8 elements (i, j) with that
+    counter: rows i0 and i0 + 8 (i0 % 16 < 8) x keys j0 + 8a + b (a < 4, b < 2; j0 % 32 < 8, even), element
+    (i, j) taking byte i // 8 % 2 * 2 + j % 2 of word j // 8 % 4. That block matches the MMA accumulator
+    layout, where a thread holds rows 8 apart and column pairs 8 apart: in the forward and dq tiles a thread's
+    2 rows x 16 keys take 2 calls, in dk/dv's transposed tiles its 2 keys x 8 queries take 4 (one row per call
+    would take 8), and the compiler finds the identical calls in one thread and makes them one. The key span
+    j // 64, the only counter that changes from one key tile to the next, is shared by a thread's calls. Kept
+    when the byte is >= t = round(256 * dropout_p): the drop rate is t / 256, which the launchers make
+    dropout_p itself (:func:`dropout_rate`), so that 1 / (1 - dropout_p) keeps the expectation exact.
     """
-    key = seed ^ (bh.to(tl.int64) << 32)
+    k0 = seed.to(tl.uint32)
+    k1 = (seed >> 32).to(tl.uint32) ^ bh.to(tl.uint32)
     n = tl.arange(0, BLOCK_N)
-    if BLOCK_N % 32 == 0:  # start_n is a multiple of 32: keep it out of the per-register terms
-        group = (start_n // 32 + n // 32) * 4 + n % 8 // 2
+    if BLOCK_N % 64 == 0:  # start_n is a multiple of 64: keep it out of the per-register terms
+        span = start_n // 64 + n // 64
+        sub = n // 32 % 2 * 4 + n % 8 // 2
+    elif BLOCK_N == 32:  # start_n is a multiple of 32: the tile is one half of one span
+        span = tl.zeros_like(n) + start_n // 64
+        sub = start_n // 32 % 2 * 4 + n % 8 // 2
     else:
         n = start_n + n
-        group = n // 32 * 4 + n % 8 // 2
+        span = n // 64
+        sub = n // 32 % 2 * 4 + n % 8 // 2
     word = n // 8 % 4
-    low = n % 2 == 0
-    if KEYS_FIRST:
-        group, row, word, low = group[:, None], rows[None, :], word[:, None], low[:, None]
+    low_key = 1 - n % 2
+    m = tl.arange(0, BLOCK_M)
+    if BLOCK_M % 16 == 0:
+        pair = start_m // 16 * 8 + m // 16 * 8 + m % 8  # rows r and r + 8 share a call
     else:
-        group, row, word, low = group[None, :], rows[:, None], word[None, :], low[None, :]
-    zero = tl.zeros_like(group + row)
-    r0, r1, r2, r3 = tl.philox(key, group + zero, row + zero, zero, zero)
+        m = start_m + m
+        pair = m // 16 * 8 + m % 8
+    low_row = 1 - m // 8 % 2
+    if KEYS_FIRST:
+        span, sub, word, low_key = span[:, None], sub[:, None], word[:, None], low_key[:, None]
+        row, low_row = pair[None, :], low_row[None, :]
+    else:
+        span, sub, word, low_key = span[None, :], sub[None, :], word[None, :], low_key[None, :]
+        row, low_row = pair[:, None], low_row[:, None]
+    shift = (low_row * 16 + low_key * 8).to(tl.uint32)  # 24 - 8 * the byte (rows // 8 % 2 * 2 + key % 2)
+    zero = tl.zeros_like(span + row).to(tl.uint32)
+    row, span, sub = row.to(tl.uint32) + zero, span.to(tl.uint32) + zero, sub.to(tl.uint32) + zero
+    r0, r1, r2, r3 = _philox(row, span, sub, zero, k0, k1)
     r = tl.where(word < 2, tl.where(word == 0, r0, r1), tl.where(word == 2, r2, r3))
-    # Compare in the high half (u >= t  <=>  u << 16 >= t << 16) so that neither half needs extracting.
-    t = tl.minimum(tl.cast(dropout_p * 65536.0 + 0.5, tl.uint32), 65535) << 16
-    return tl.where(low, r << 16, r) >= t
+    # byte >= t  <=>  (word shifted or rotated to bring the byte to the top) >= t << 24: no byte is extracted.
+    # Words 1 and 3 are the low halves of the last products, and the shift folds into the multiply (one
+    # IMAD by C << s). Words 0 and 2 are XORs: a shift would let LLVM narrow the earlier rounds' multiplies
+    # once per byte, while a rotation (one SHF) needs every bit of the word.
+    t = tl.minimum(tl.cast(dropout_p * 256.0 + 0.5, tl.uint32), 255) << 24
+    top = r << shift
+    return tl.where(word % 2 == 0, top | (r >> ((32 - shift) % 32)), top) >= t
 
 
 @triton.jit
@@ -149,8 +210,9 @@ def _attn_fwd_inner(
     acc, l_i, m_i, q,  # running output (BLOCK_M, BLOCK_D) fp32, row sum and row max (BLOCK_M,), q tile
     k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,  # this head's k and v
     offs_m, offs_d, lo, hi,  # query rows of the tile; key range [lo, hi) to visit
-    T_K, shift, qk_scale, seed, bh, dropout_p,
-    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    start_m, T_K, shift, qk_scale, seed, bh, dropout_p,  # start_m: the tile's first row, offs_m[0]
+    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     MASK: tl.constexpr,  # apply the causal mask and the key bound (diagonal / last tiles)
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
 ):
@@ -171,7 +233,11 @@ def _attn_fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)  # normalisation before dropout, like PyTorch
         acc = acc * alpha[:, None]
         if DROPOUT:
-            p = tl.where(_dropout_keep(seed, bh, offs_m, start_n, T_K, dropout_p, BLOCK_N, False), p, 0.0)
+            # Dropped scores take a zero LLVM cannot see as a constant (dropout_p * 0.0, computed once): with a
+            # literal 0 it moves the select after the fp16 conversion, where each element costs two more
+            # instructions (unpacking and repacking the fp16 pairs).
+            keep = _dropout_keep(seed, bh, start_m, start_n, dropout_p, BLOCK_M, BLOCK_N, False)
+            p = tl.where(keep, p, dropout_p * 0.0)
         v = _load_tile(v_base + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
                        offs_n, T_K, offs_d, HEAD_DIM, MASK, HEAD_PAD)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
@@ -187,7 +253,7 @@ def _attn_fwd_kernel(
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     H, T_Q, T_K,  # heads, query and key lengths
-    qk_scale, dropout_p,  # softmax scale * log2(e); dropout probability
+    qk_scale, dropout_p,  # softmax scale * log2(e); drop rate, a multiple of 1/256 (dropout_rate)
     T_Q_BUCKET, T_K_BUCKET,  # next_pow2 of the lengths: autotune keys only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_PAD: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -222,18 +288,18 @@ def _attn_fwd_kernel(
         hi = T_K
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, offs_m, offs_d, 0, full_end,
-        T_K, shift, qk_scale, seed, bh, dropout_p,
-        HEAD_DIM, HEAD_PAD, BLOCK_N, DOT_PRECISION, False, CAUSAL, DROPOUT,
+        start_m, T_K, shift, qk_scale, seed, bh, dropout_p,
+        HEAD_DIM, HEAD_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION, False, CAUSAL, DROPOUT,
     )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, offs_m, offs_d, full_end, hi,
-        T_K, shift, qk_scale, seed, bh, dropout_p,
-        HEAD_DIM, HEAD_PAD, BLOCK_N, DOT_PRECISION, True, CAUSAL, DROPOUT,
+        start_m, T_K, shift, qk_scale, seed, bh, dropout_p,
+        HEAD_DIM, HEAD_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION, True, CAUSAL, DROPOUT,
     )
 
     inv_l = 1.0 / l_i
     if DROPOUT:
-        inv_l = inv_l / (1.0 - dropout_p)  # kept probabilities scaled by 1 / (1 - p)
+        inv_l = inv_l / (1.0 - dropout_p)  # kept probabilities scaled by 1 / (1 - rate): exact expectation
     acc = acc * inv_l[:, None]
     row_ok = offs_m < T_Q
     # Saved in natural-log units: lse = ln(sum_j exp(scale * q.k_j)) = (m + log2 l) * ln 2.
@@ -285,13 +351,13 @@ def _attn_fwd_split_kernel(
     v_base = V + b * stride_vb + h * stride_vh
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, offs_m, offs_d, lo, full_end,
-        T_K, 0, qk_scale, seed, bh, dropout_p,
-        HEAD_DIM, HEAD_PAD, BLOCK_N, DOT_PRECISION, False, False, DROPOUT,
+        start_m, T_K, 0, qk_scale, seed, bh, dropout_p,
+        HEAD_DIM, HEAD_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION, False, False, DROPOUT,
     )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, offs_m, offs_d, full_end, hi,
-        T_K, 0, qk_scale, seed, bh, dropout_p,
-        HEAD_DIM, HEAD_PAD, BLOCK_N, DOT_PRECISION, True, False, DROPOUT,
+        start_m, T_K, 0, qk_scale, seed, bh, dropout_p,
+        HEAD_DIM, HEAD_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION, True, False, DROPOUT,
     )
     inv_l = 1.0 / l_i
     if DROPOUT:
@@ -332,8 +398,9 @@ def _attn_bwd_dq_inner(
     dq, q, do, lse, delta,  # dq accumulator (BLOCK_M, BLOCK_D) fp32; the query tile's q, dO, lse (log2), delta
     k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
     offs_m, offs_d, lo, hi,
-    T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,  # keep_scale = 1 / (1 - dropout_p)
-    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    start_m, T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,  # start_m = offs_m[0]; keep_scale = 1 / (1 - p)
+    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -351,8 +418,8 @@ def _attn_bwd_dq_inner(
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, start_n, T_K, dropout_p, BLOCK_N, False)
-            dp = tl.where(keep, dp * keep_scale, 0.0)
+            keep = _dropout_keep(seed, bh, start_m, start_n, dropout_p, BLOCK_M, BLOCK_N, False)
+            dp = tl.where(keep, dp, 0.0) * keep_scale  # an FFMA with the "- delta" below
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
@@ -413,13 +480,13 @@ def _attn_bwd_dq_kernel(
         hi = T_K
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, offs_m, offs_d,
-        0, full_end, T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,
-        HEAD_DIM, HEAD_PAD, BLOCK_N, DOT_PRECISION, False, CAUSAL, DROPOUT,
+        0, full_end, start_m, T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,
+        HEAD_DIM, HEAD_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION, False, CAUSAL, DROPOUT,
     )
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, offs_m, offs_d,
-        full_end, hi, T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,
-        HEAD_DIM, HEAD_PAD, BLOCK_N, DOT_PRECISION, True, CAUSAL, DROPOUT,
+        full_end, hi, start_m, T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,
+        HEAD_DIM, HEAD_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION, True, CAUSAL, DROPOUT,
     )
     dq = dq * sm_scale
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd
@@ -462,9 +529,9 @@ def _attn_bwd_dkdv_inner(
             pt = tl.where(offs_n[:, None] <= offs_m[None, :] + shift, pt, 0.0)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, start_n, T_K, dropout_p, BLOCK_N, True)
-            pzt = tl.where(keep, pt * keep_scale, 0.0)
-            dpt = tl.where(keep, dpt * keep_scale, 0.0)
+            keep = _dropout_keep(seed, bh, start_m, start_n, dropout_p, BLOCK_M, BLOCK_N, True)
+            pzt = tl.where(keep, pt, dropout_p * 0.0)  # a zero kept in fp32 (see _attn_fwd_inner); dv scaled last
+            dpt = tl.where(keep, dpt, 0.0) * keep_scale  # an FFMA with the "- delta" below
         else:
             pzt = pt
         dv = tl.dot(pzt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
@@ -545,6 +612,8 @@ def _attn_bwd_dkdv_kernel(
     )
 
     dk = dk * sm_scale
+    if DROPOUT:
+        dv = dv * keep_scale  # the kept P's scale, taken out of the loop
     col_ok = offs_d[None, :] < HEAD_DIM
     row_ok = offs_n[:, None] < T_K
     dk_ptrs = DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd
@@ -567,7 +636,7 @@ def _dropout_mask_kernel(
     start_m, bh = _program_tile(T_Q, BLOCK_M, False)  # grid: (query tiles * B*H, key tiles)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(tl.load(SEED), bh, offs_m, tl.program_id(1) * BLOCK_N, T_K, dropout_p, BLOCK_N, False)
+    keep = _dropout_keep(tl.load(SEED), bh, start_m, tl.program_id(1) * BLOCK_N, dropout_p, BLOCK_M, BLOCK_N, False)
     ptrs = MASK + (bh.to(tl.int64) * T_Q + offs_m[:, None]) * T_K + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < T_Q) & (offs_n[None, :] < T_K))
 # fmt: on
@@ -806,7 +875,7 @@ def attention_fwd(
 
     Args:
         q: (B, H, Tq, D); k, v: (B, H, Tk, D); any strides. seed: (1,) int64 on q's device, needed when
-        ``dropout_p > 0``. scale: softmax scale.
+        ``dropout_p > 0``; the kernels drop at :func:`dropout_rate` of ``dropout_p``. scale: softmax scale.
     Returns:
         o (B, H, Tq, D) in q's dtype, contiguous; lse (B, H, Tq) fp32, the natural log-sum-exp of the scaled
         (masked) scores of each row, before dropout.
@@ -824,7 +893,7 @@ def attention_fwd(
         lse_part = torch.empty((splits, B * H, Tq), dtype=torch.float32, device=q.device)
         args = (
             q, k, v, o_part, lse_part, seed_ptr, *q.stride(), *k.stride(), *v.stride(),
-            H, Tq, Tk, split, scale * _LOG2E, dropout_p,
+            H, Tq, Tk, split, scale * _LOG2E, dropout_rate(dropout_p),
         )  # fmt: skip
         split_meta = {key: value for key, value in meta.items() if key != "CAUSAL"}
         _launch(_attn_fwd_split, "split", Tq, B * H, args, split_meta, splits)
@@ -837,7 +906,7 @@ def attention_fwd(
     else:
         args = (
             q, k, v, o, lse, seed_ptr, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            H, Tq, Tk, scale * _LOG2E, dropout_p,
+            H, Tq, Tk, scale * _LOG2E, dropout_rate(dropout_p),
         )  # fmt: skip
         _launch(_attn_fwd, "fwd", Tq, B * H, args, meta)
     _backend.record("attention_fwd")
@@ -876,7 +945,7 @@ def attention_bwd(
     lse = lse.contiguous()
     seed = seed if seed is not None else lse
     meta = _meta(q, k, causal, dropout_p)
-    scalars = (H, Tq, Tk, scale, scale * _LOG2E, dropout_p)
+    scalars = (H, Tq, Tk, scale, scale * _LOG2E, dropout_rate(dropout_p))
     dq_args = (
         q, k, v, o, do, dq, lse, delta, seed,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(), *scalars,
@@ -913,7 +982,7 @@ def attention_dropout_mask(
     block = 32
     grid = (*_grid(Tq, block, B * H), triton.cdiv(Tk, block))
     with device_guard(mask):
-        _dropout_mask_kernel[grid](seed, mask, Tq, Tk, float(dropout_p), BLOCK_M=block, BLOCK_N=block)
+        _dropout_mask_kernel[grid](seed, mask, Tq, Tk, dropout_rate(dropout_p), BLOCK_M=block, BLOCK_N=block)
     return mask.bool()
 
 
@@ -1127,7 +1196,10 @@ def attention(
     Args:
         q: (B, H, Tq, D); k, v: (B, H, Tk, D) with Tq <= Tk (the causal mask is aligned to the end).
         causal: mask future keys. dropout_p: attention dropout in [0, 1) (pass 0.0 in eval); the Triton kernel
-            draws its seed from torch's RNG, so ``torch.manual_seed`` reproduces it.
+            draws its seed from torch's RNG, so ``torch.manual_seed`` reproduces it. Its RNG has 8-bit
+            uniforms (FlashAttention-2's), so it drops at a multiple of 1/256, within 1/512 of ``dropout_p``
+            (:func:`dropout_rate`: 0 < p < 1/512 drops 1/256, never nothing; p > 511/512 drops 255/256), and
+            scales kept scores by 1 / (1 - that rate), which keeps the output's expectation exact.
         scale: softmax scale, default 1/sqrt(D).
         backend: "auto" | "triton" | "torch" or None (the ``GPTKERNELS_BACKEND`` default). The Triton kernel
             takes fp32/fp16/bf16 and head sizes 8 to 128, and any strides; for other inputs "auto" takes the
