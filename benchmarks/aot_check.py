@@ -331,6 +331,7 @@ def _record_launch(rec: _Recorder, arch: int, src, metadata, function: dict, gri
             | {"num_warps": warps, "num_stages": stages},
             "specialization": {k: constexprs[k] for k in constexprs if not k.startswith("BLOCK") or k == "BLOCK_D"},
             "pointers": dtypes,
+            "maxnreg": getattr(metadata, "maxnreg", None),  # the register cap the config asked for (None: ptxas')
             "n_regs": regs,
             "n_spills": function["local_bytes"] // 4,
             "spill_bytes": function["local_bytes"],
@@ -448,11 +449,69 @@ def _shard_autotuners(shard: int, n_shards: int) -> None:
     Autotuner.prune_configs = sharded
 
 
-def worker(arch: int, cases: list[dict], sass: bool, dump_sass: str | None, shard: tuple[int, int]) -> dict:
+def parse_only(spec: str) -> tuple[str, tuple[int, ...]]:
+    """``KERNEL[:BMxBN[xWARPS[xSTAGES]]]`` -> (kernel name part, tile prefix), e.g. ``fwd:128x64x8``."""
+    name, _, tile = spec.partition(":")
+    try:
+        dims = tuple(int(x) for x in tile.split("x")) if tile else ()
+    except ValueError:
+        dims = (0,) * 5
+    if not name or len(dims) > 4 or (tile and len(dims) < 2):
+        raise ValueError(f"--only: expected KERNEL[:BMxBN[xWARPS[xSTAGES]]], e.g. fwd:128x64x8x3; got {spec!r}")
+    return name, dims
+
+
+def _config_matches(kernel: str, config, only: list[tuple[str, tuple[int, ...]]]) -> bool:
+    shape = (config.kwargs.get("BLOCK_M"), config.kwargs.get("BLOCK_N"), config.num_warps, config.num_stages)
+    return any(name in kernel and shape[: len(dims)] == dims for name, dims in only)
+
+
+class _NotSelected(Exception):
+    """An autotuned launch none of whose configs passes ``--only``: skipped (nothing runs anyway)."""
+
+
+def _filter_kernels(only: list[tuple[str, tuple[int, ...]]]) -> None:
+    """Compile only the kernels whose name contains one of the ``--only`` names, and of an autotuned kernel only
+    the configs its prune keeps that match the tile (the others' launches are skipped: outputs are garbage)."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    jit_run, tuned_run, prune = JITFunction.run, Autotuner.run, Autotuner.prune_configs
+
+    def run_jit(self, *args, **kwargs):
+        if any(name in self.__name__ for name, _ in only):
+            return jit_run(self, *args, **kwargs)
+        return None
+
+    def run_tuned(self, *args, **kwargs):
+        try:
+            return tuned_run(self, *args, **kwargs)
+        except _NotSelected:
+            return None
+
+    def prune_matching(self, kwargs):
+        kept = [c for c in prune(self, kwargs) if _config_matches(self.base_fn.__name__, c, only)]
+        if not kept:
+            raise _NotSelected
+        return kept
+
+    JITFunction.run, Autotuner.run, Autotuner.prune_configs = run_jit, run_tuned, prune_matching
+
+
+def worker(
+    arch: int,
+    cases: list[dict],
+    sass: bool,
+    dump_sass: str | None,
+    shard: tuple[int, int],
+    only: list[str] | None = None,
+) -> dict:
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ["GPTKERNELS_BACKEND"] = "triton"
     rec = _Recorder(sass, dump_sass)
     install_fake_driver(arch, rec)
+    if only:
+        _filter_kernels([parse_only(x) for x in only])  # before the sharding, which splits what it keeps
     if shard[1] > 1:
         _shard_autotuners(*shard)
     from gptkernels.ops import _backend
@@ -492,6 +551,8 @@ def _spawn(arch: int, cases: list[dict], args, tmp: Path, i: int, n: int) -> dic
     cmd += ["--shard", f"{i}/{n}"]
     cmd += ["--sass"] if args.sass else []
     cmd += ["--dump-sass", args.dump_sass] if args.dump_sass else []
+    for spec in args.only or ():
+        cmd += ["--only", spec]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, stderr=None if args.verbose else subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise RuntimeError(
@@ -552,7 +613,8 @@ def failures(result: dict, check_coverage: bool = True) -> list[str]:
             why = list(v["reasons"]) + ([f"spills {v['spill_bytes']} B/thread"] if v["n_spills"] else [])
             lines.append(
                 f"{result['arch']} {v['kernel']} {_fmt(v['config'])} [{_fmt(v['specialization'])}; "
-                f"{','.join(v['pointers'])}] regs {v['n_regs']} shared {v['shared']}: {'; '.join(why)}"
+                f"{','.join(v['pointers'])}] maxnreg {v.get('maxnreg')} regs {v['n_regs']} shared {v['shared']}: "
+                f"{'; '.join(why)}"
             )
     lines += [f"{result['arch']} ERROR {e['case']}: {e['error'].splitlines()[0]}" for e in result["errors"]]
     if check_coverage:
@@ -582,6 +644,20 @@ def dump_json(result: dict) -> str:
     return "\n".join(lines) + "\n}\n"
 
 
+def _parse_where(text: str) -> tuple[str, list]:
+    field, sep, values = text.partition("=")
+    if not sep or not field or not values:
+        raise ValueError(f"--where: expected FIELD=V1,V2, e.g. D=8,16; got {text!r}")
+
+    def value(v: str):
+        try:
+            return json.loads(v)
+        except json.JSONDecodeError:
+            return v
+
+    return field, [value(v) for v in values.split(",")]
+
+
 def _fmt(d: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in d.items())
 
@@ -597,14 +673,22 @@ def run(
     verbose=False,
     bench=False,
     only: list[dict] | None = None,
+    kernels: list[str] | None = None,
+    where: dict | None = None,
 ) -> dict[int, dict]:
-    """Compile every case's kernels for each arch; return {arch: result} (see the module docstring)."""
+    """Compile every case's kernels for each arch; return {arch: result} (see the module docstring).
+
+    ``only``: these cases instead; ``where``: only the cases with these values (e.g. ``{"D": [8, 16]}``);
+    ``kernels``: ``--only`` specs, the kernels (and tiles) to compile.
+    """
     cases = [c for name, make in CASE_SETS.items() if not ops or name in ops for c in make(full)]
     if bench:
         cases = bench_cases()
     if only:
         cases = only
-    args = argparse.Namespace(sass=sass, dump_sass=dump_sass, cache_dir=cache_dir, verbose=verbose)
+    if where:
+        cases = [c for c in cases if all(k in c and c[k] in vs for k, vs in where.items())]
+    args = argparse.Namespace(sass=sass, dump_sass=dump_sass, cache_dir=cache_dir, verbose=verbose, only=kernels)
     # Per arch, `jobs` workers: each runs every autotuned case (attention) compiling its share of the configs
     # (see _shard_autotuners) and a round-robin share of the other cases.
     n = max(1, jobs)
@@ -625,7 +709,8 @@ def main(argv: list[str] | None = None) -> int:
         dump = argv[argv.index("--dump-sass") + 1] if "--dump-sass" in argv else None
         shard = argv[argv.index("--shard") + 1] if "--shard" in argv else "0/1"
         i, n = (int(x) for x in shard.split("/"))
-        result = worker(arch, json.loads(Path(cases_file).read_text()), sass, dump, (i, n))
+        only = [argv[j + 1] for j, x in enumerate(argv) if x == "--only"]
+        result = worker(arch, json.loads(Path(cases_file).read_text()), sass, dump, (i, n), only)
         Path(result_file).write_text(json.dumps(result))
         return 0
     p = argparse.ArgumentParser(prog="python -m benchmarks.aot_check", description=__doc__.split("\n\n")[0])
@@ -642,6 +727,20 @@ def main(argv: list[str] | None = None) -> int:
         '\'{"op": "attention", "dtype": "float16", "D": 64, "Tq": 1024, "Tk": 1024, "dropout": true}\' '
         "(repeatable)",
     )
+    p.add_argument(
+        "--only",
+        action="append",
+        metavar="KERNEL[:BMxBN[xW[xS]]]",
+        help="compile only kernels whose name contains KERNEL, and of autotuned ones only that tile, e.g. "
+        "fwd:128x64x8x3 (repeatable; reproduces a few variants in seconds)",
+    )
+    p.add_argument(
+        "--where",
+        action="append",
+        metavar="FIELD=V1,V2",
+        help="keep only the cases whose FIELD is one of the values, e.g. D=8,16 or dropout=true or dtype=float32 "
+        "(repeatable; values parsed as JSON, else strings)",
+    )
     p.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--sass", action="store_true", help="add SASS instruction counts to each variant")
     p.add_argument("--dump-sass", metavar="KERNEL", help="print the SASS of every variant of KERNEL")
@@ -657,19 +756,27 @@ def main(argv: list[str] | None = None) -> int:
     ops = [x for x in a.ops.split(",") if x]
     if any(x not in CASE_SETS for x in ops):
         p.error(f"--ops: choose from {','.join(CASE_SETS)}")
+    try:
+        for spec in a.only or ():
+            parse_only(spec)
+        where = dict(_parse_where(x) for x in a.where or ())
+    except ValueError as e:
+        p.error(str(e))
     t0 = time.monotonic()
-    results = run(archs, ops, a.full, a.jobs, a.sass, a.dump_sass, a.cache_dir, a.verbose, a.bench, a.case)
+    results = run(
+        archs, ops, a.full, a.jobs, a.sass, a.dump_sass, a.cache_dir, a.verbose, a.bench, a.case, a.only, where
+    )
     bad = []
     for arch, result in results.items():
         n = len(result["variants"])
-        lines = failures(result, check_coverage=not (ops or a.case or a.bench))
+        lines = failures(result, check_coverage=not (ops or a.case or a.bench or a.only or where))
         print(f"sm_{arch}: {n} variants over {len(result['cases'])} cases, {len(lines)} failing")
-        if a.sass or a.case:
+        if a.sass or a.case or a.only:
             for v in result["variants"]:
                 sass = f" sass {v['sass_instr']} loops {v['loops']} per-elem {v.get('sass_per_elem')}" if a.sass else ""
                 print(
-                    f"  {v['kernel']} {_fmt(v['config'])} [{_fmt(v['specialization'])}] regs {v['n_regs']} "
-                    f"spill {v['spill_bytes']} B shared {v['shared']}{sass}"
+                    f"  {v['kernel']} {_fmt(v['config'])} [{_fmt(v['specialization'])}; {','.join(v['pointers'])}] "
+                    f"maxnreg {v['maxnreg']} regs {v['n_regs']} spill {v['spill_bytes']} B shared {v['shared']}{sass}"
                 )
         if not a.bench:  # warming a cache: the benchmarks report what they find
             bad += lines

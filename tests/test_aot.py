@@ -62,6 +62,26 @@ def test_failures_lists_spills_overflows_errors_and_uncovered_kernels():
     assert len(aot_check.failures(result, check_coverage=False)) == 3
 
 
+def test_only_selects_kernels_and_tiles():
+    import triton
+
+    only = [aot_check.parse_only("dkdv:16x16"), aot_check.parse_only("_attn_fwd_kernel:128x64x8x3")]
+    tile = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=2)
+    assert aot_check._config_matches("_attn_bwd_dkdv_kernel", tile, only)
+    assert not aot_check._config_matches("_attn_bwd_dq_kernel", tile, only)
+    fa2 = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)
+    assert aot_check._config_matches("_attn_fwd_kernel", fa2, only)
+    assert not aot_check._config_matches("_attn_fwd_kernel", tile, only)
+    assert aot_check.parse_only("layer_norm") == ("layer_norm", ())
+    for bad in ("", "fwd:128", "fwd:axb", "fwd:1x2x3x4x5"):
+        with pytest.raises(ValueError, match="--only"):
+            aot_check.parse_only(bad)
+    assert aot_check._parse_where("D=8,16") == ("D", [8, 16])
+    assert aot_check._parse_where("dtype=float32,bfloat16") == ("dtype", ["float32", "bfloat16"])
+    with pytest.raises(ValueError, match="--where"):
+        aot_check._parse_where("D")
+
+
 def test_ci_subset_keeps_every_config_at_its_worst_key():
     cases = aot_check.attention_cases(full=False)
     assert any(c["op"] == "attention" and c["D"] == 128 and c["dropout"] and c["Tq"] == 1024 for c in cases)
