@@ -94,6 +94,35 @@ def test_ci_subset_keeps_every_config_at_its_worst_key():
     assert {c["D"] for c in full if c["op"] == "attention"} == set(aot_check.HEAD_DIMS)
 
 
+def test_attention_register_cap_follows_the_head_size():
+    """aot_check --full found 8 spills (8-24 B a thread) on three tiles that spill at small D without maxnreg and at
+    large D with it: the prune function (what the autotuner and this check compile) gives each head size its cap."""
+    import torch
+
+    from gptkernels.ops.attention import _configs, _prune_tiles, _tile, selectable_configs
+    from gptkernels.ops.utils import max_registers
+
+    def cap(kernel, tile, d, dtype, dropout):
+        (config,) = [c for c in selectable_configs(kernel, d, dtype, dropout) if _tile(c) == tile]
+        return config.maxnreg
+
+    fp16, bf16, fp32 = torch.float16, torch.bfloat16, torch.float32
+    assert cap("fwd", (128, 64, 8, 3), 8, fp16, True) == max_registers(8) == 255  # sm_80: 8 B at 128 registers
+    assert cap("fwd", (128, 64, 8, 3), 128, bf16, False) is None  # sm_80: 40 B at 255
+    assert cap("fwd", (64, 64, 4, 3), 32, bf16, True) == 255  # sm_80: 8 B at 96
+    assert cap("fwd", (64, 64, 4, 3), 64, fp16, True) is None  # sm_80: 8 B at 255
+    assert cap("dkdv", (16, 16, 4, 2), 16, fp32, False) == 255  # sm_90: 24 B at 64
+    assert cap("dkdv", (16, 16, 4, 2), 32, fp32, True) == 255  # sm_80: 8 B at 72
+    assert cap("dkdv", (16, 16, 4, 2), 128, fp32, True) is None  # sm_80 40 B, sm_90 56 B at 255
+    assert cap("dq", (64, 64, 4, 3), 64, fp16, False) is None  # sm_80: 8 B at 255
+    # The autotuner's own list (the caps of D = 64) is left alone: the prune hands out copies.
+    configs = _configs("dkdv")
+    listed = [c.maxnreg for c in configs]
+    prune = _prune_tiles("dkdv")["early_config_prune"]
+    (kept,) = prune(configs, {"Q": torch.empty(1)}, BLOCK_D=128, DROPOUT=True, T_Q_BUCKET=1024, T_K_BUCKET=1024)
+    assert kept.maxnreg is None and [c.maxnreg for c in configs] == listed and 255 in listed
+
+
 @pytest.mark.slow
 def test_aot_selectable_variants_fit(tmp_path):
     reason = _ptxas_missing()
