@@ -24,6 +24,8 @@ Usage::
         --case '{"op": "attention", "dtype": "float16", "D": 64, "Tq": 1024, "Tk": 1024, "dropout": false}' \\
         --case '{"op": "attention", "dtype": "float16", "D": 64, "Tq": 1024, "Tk": 1024, "dropout": true}'
         # one key with and without dropout: a table of every variant with its SASS counts
+    python -m benchmarks.aot_check --full --ops attention --where D=8,16,32 --where Tq=1024,128 --no-write \
+        --only _attn_fwd_kernel:128x64x8x3 --only dkdv:16x16   # a few variants of the full check, in minutes
 
 Writes ``benchmarks/results/aot_sm<arch>.json`` (unless ``--no-write``; ``--full`` writes ``aot_full_sm<arch>``),
 prints the failures and exits 1 when a selectable variant fails. ``--sass`` adds per-variant SASS instruction
