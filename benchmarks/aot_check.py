@@ -72,14 +72,19 @@ def attention_cases(full: bool) -> list[dict]:
     memory); plus fp32 (which always takes the smallest tile; fp32 tiles need the most shared memory) and
     decoding (Tq = 1, only the short row tiles) at D = 128. Some limits of ``_CONFIGS`` depend on D (tiles
     dropped at D = 128 come back at D = 64), so D = 64 with and without dropout too, in bf16: the benchmarks' keys
-    (``bench_cases``). ``full`` covers every head size, dtype and length.
+    (``bench_cases``). Some tiles' maxnreg depends on D too (``attention._PTXAS_CHOOSES_REGISTERS``): the largest
+    D that keeps the full register budget, with dropout, is each one's worst key with that cap (fp32 at D = 64
+    for dkdv's fp32 tile; D = 32 for the forward's 64 x 64; D = 64 for 128 x 64, above). ``full`` covers every
+    head size, dtype and length.
     """
     if not full:
         return [
             dict(op="attention", dtype="float16", D=128, Tq=1024, Tk=1024, dropout=True),
             dict(op="attention", dtype="bfloat16", D=64, Tq=1024, Tk=1024, dropout=False),
             dict(op="attention", dtype="bfloat16", D=64, Tq=1024, Tk=1024, dropout=True),
+            dict(op="attention", dtype="bfloat16", D=32, Tq=1024, Tk=1024, dropout=True),
             dict(op="attention", dtype="float32", D=128, Tq=1024, Tk=1024, dropout=True),
+            dict(op="attention", dtype="float32", D=64, Tq=1024, Tk=1024, dropout=True),
             dict(op="attention", dtype="float16", D=128, Tq=1, Tk=1024, dropout=False),
             dict(op="attention_dropout_mask", Tq=256, Tk=256),
         ]

@@ -90,6 +90,13 @@ def test_ci_subset_keeps_every_config_at_its_worst_key():
     # The tiles dropped at D = 128 (limits by D in attention._CONFIGS), with and without dropout.
     d64 = {c["dropout"] for c in cases if c["op"] == "attention" and c["D"] == 64 and c["Tq"] == 1024}
     assert d64 == {False, True}
+    # The largest D at which the tiles of attention._PTXAS_CHOOSES_REGISTERS keep maxnreg, with dropout.
+    from gptkernels.ops.attention import _CONFIGS, _PTXAS_CHOOSES_REGISTERS
+
+    capped = {(c["dtype"] == "float32", c["D"]) for c in cases if c["op"] == "attention" and c["dropout"]}
+    for (kernel, tile), up_to in _PTXAS_CHOOSES_REGISTERS.items():
+        fp32_only = _CONFIGS[kernel][tile][0] == 0
+        assert not up_to or (fp32_only, up_to) in capped, (kernel, tile, up_to)
     full = aot_check.attention_cases(full=True)
     assert {c["D"] for c in full if c["op"] == "attention"} == set(aot_check.HEAD_DIMS)
 
