@@ -122,6 +122,9 @@ def test_attention_register_cap_follows_the_head_size():
     assert cap("dkdv", (16, 16, 4, 2), 32, fp32, True) == 255  # sm_80: 8 B at 72
     assert cap("dkdv", (16, 16, 4, 2), 128, fp32, True) is None  # sm_80 40 B, sm_90 56 B at 255
     assert cap("dq", (64, 64, 4, 3), 64, fp16, False) is None  # sm_80: 8 B at 255
+    # No cap keeps dkdv's 16 x 64 from spilling at D = 128 with dropout with Triton 3.6 (sm_80, 255 registers).
+    assert (16, 64, 4, 2) not in {_tile(c) for c in selectable_configs("dkdv", 128, fp16, True)}
+    assert (16, 64, 4, 2) in {_tile(c) for c in selectable_configs("dkdv", 64, fp16, True)}
     # The autotuner's own list (the caps of D = 64) is left alone: the prune hands out copies.
     configs = _configs("dkdv")
     listed = [c.maxnreg for c in configs]
