@@ -27,7 +27,8 @@ Usage::
     python -m benchmarks.aot_check --full --ops attention --where D=8,16,32 --where Tq=1024,128 --no-write \
         --only _attn_fwd_kernel:128x64x8x3 --only dkdv:16x16   # a few variants of the full check, in minutes
 
-Writes ``benchmarks/results/aot_sm<arch>.json`` (unless ``--no-write``; ``--full`` writes ``aot_full_sm<arch>``),
+Writes ``benchmarks/results/aot_sm<arch>.json`` (unless ``--no-write``; ``--full`` writes ``aot_full_sm<arch>``,
+``--suffix _triton3.6`` ``aot_sm<arch>_triton3.6``; the Triton version is in the file as ``triton``),
 prints the failures and exits 1 when a selectable variant fails. ``--sass`` adds per-variant SASS instruction
 counts: ``sass_instr`` (whole kernel), ``loops`` (instructions in each loop body, found as backward branches) and
 ``sass_per_elem`` (each loop's thread-instructions per BLOCK_M x BLOCK_N tile element; for attention the first
@@ -753,6 +754,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dump-sass", metavar="KERNEL", help="print the SASS of every variant of KERNEL")
     p.add_argument("--cache-dir", type=Path, help="TRITON_CACHE_DIR for the workers (default: Triton's)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for aot_sm<arch>.json")
+    p.add_argument("--suffix", default="", help="added to the JSON names, e.g. _triton3.6 for aot_sm90_triton3.6.json")
     p.add_argument("--no-write", action="store_true", help="print only; write no JSON")
     p.add_argument("--verbose", action="store_true", help="show each case as it compiles")
     a = p.parse_args(argv)
@@ -790,7 +792,7 @@ def main(argv: list[str] | None = None) -> int:
         if not a.no_write:
             a.out.mkdir(parents=True, exist_ok=True)
             prefix = "bench_" if a.bench else "full_" if a.full else ""
-            path = a.out / f"aot_{prefix}sm{arch}.json"
+            path = a.out / f"aot_{prefix}sm{arch}{a.suffix}.json"
             path.write_text(dump_json(result))
             print(f"  wrote {path}")
     for line in bad:
