@@ -75,15 +75,17 @@ def attention_cases(full: bool) -> list[dict]:
     dropped at D = 128 come back at D = 64), so D = 64 with and without dropout too, in bf16: the benchmarks' keys
     (``bench_cases``). Some tiles' maxnreg depends on D too (``attention._PTXAS_CHOOSES_REGISTERS``): the largest
     D that keeps the full register budget, with dropout, is each one's worst key with that cap (fp32 at D = 64
-    for dkdv's fp32 tile; D = 32 for the forward's 64 x 64; D = 64 for 128 x 64, above). ``full`` covers every
-    head size, dtype and length.
+    for dkdv's fp32 tile; D = 32 for the forward's 64 x 64, that tile only: a case's ``only`` works as
+    ``--only``; D = 64 for 128 x 64, above). ``full`` covers every head size, dtype and length.
     """
     if not full:
         return [
             dict(op="attention", dtype="float16", D=128, Tq=1024, Tk=1024, dropout=True),
             dict(op="attention", dtype="bfloat16", D=64, Tq=1024, Tk=1024, dropout=False),
             dict(op="attention", dtype="bfloat16", D=64, Tq=1024, Tk=1024, dropout=True),
-            dict(op="attention", dtype="bfloat16", D=32, Tq=1024, Tk=1024, dropout=True),
+            dict(
+                op="attention", dtype="bfloat16", D=32, Tq=1024, Tk=1024, dropout=True, only=["_attn_fwd_kernel:64x64"]
+            ),
             dict(op="attention", dtype="float32", D=128, Tq=1024, Tk=1024, dropout=True),
             dict(op="attention", dtype="float32", D=64, Tq=1024, Tk=1024, dropout=True),
             dict(op="attention", dtype="float16", D=128, Tq=1, Tk=1024, dropout=False),
@@ -443,20 +445,6 @@ def _autotuners() -> dict[str, list[dict]]:
     return found
 
 
-def _shard_autotuners(shard: int, n_shards: int) -> None:
-    """Let this worker compile only every ``n_shards``-th config that an autotuner's prune keeps (at least one,
-    so that the launch still happens): the workers of one arch split the configs of each autotuned case."""
-    from triton.runtime.autotuner import Autotuner
-
-    prune = Autotuner.prune_configs
-
-    def sharded(self, kwargs):
-        kept = prune(self, kwargs)
-        return kept[shard::n_shards] or kept[:1]
-
-    Autotuner.prune_configs = sharded
-
-
 def parse_only(spec: str) -> tuple[str, tuple[int, ...]]:
     """``KERNEL[:BMxBN[xWARPS[xSTAGES]]]`` -> (kernel name part, tile prefix), e.g. ``fwd:128x64x8``."""
     name, _, tile = spec.partition(":")
@@ -475,19 +463,26 @@ def _config_matches(kernel: str, config, only: list[tuple[str, tuple[int, ...]]]
 
 
 class _NotSelected(Exception):
-    """An autotuned launch none of whose configs passes ``--only``: skipped (nothing runs anyway)."""
+    """An autotuned launch with nothing to compile here (no config passes the filters, or this worker's share of
+    the configs is empty): skipped, since nothing runs anyway."""
 
 
-def _filter_kernels(only: list[tuple[str, tuple[int, ...]]]) -> None:
-    """Compile only the kernels whose name contains one of the ``--only`` names, and of an autotuned kernel only
-    the configs its prune keeps that match the tile (the others' launches are skipped: outputs are garbage)."""
+# The filters of this worker: --only's ("cli") and the current case's own "only" ("case"); each non-empty list must
+# match a kernel (and an autotuned kernel's config) for it to compile.
+_FILTERS: dict[str, list[tuple[str, tuple[int, ...]]]] = {"cli": [], "case": []}
+
+
+def _patch_launches(shard: int, n_shards: int) -> None:
+    """Compile only what the filters let through, and of each autotuned launch only this worker's share: every
+    ``n_shards``-th config that the autotuner's prune keeps (the workers of one arch split the configs of each
+    autotuned case; a worker whose share is empty skips the launch, so a single config is compiled once)."""
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
     jit_run, tuned_run, prune = JITFunction.run, Autotuner.run, Autotuner.prune_configs
 
     def run_jit(self, *args, **kwargs):
-        if any(name in self.__name__ for name, _ in only):
+        if all(any(name in self.__name__ for name, _ in f) for f in _FILTERS.values() if f):
             return jit_run(self, *args, **kwargs)
         return None
 
@@ -497,13 +492,15 @@ def _filter_kernels(only: list[tuple[str, tuple[int, ...]]]) -> None:
         except _NotSelected:
             return None
 
-    def prune_matching(self, kwargs):
-        kept = [c for c in prune(self, kwargs) if _config_matches(self.base_fn.__name__, c, only)]
-        if not kept:
+    def prune_share(self, kwargs):
+        kernel = self.base_fn.__name__
+        kept = [c for c in prune(self, kwargs) if all(_config_matches(kernel, c, f) for f in _FILTERS.values() if f)]
+        share = kept[shard::n_shards]
+        if not share:
             raise _NotSelected
-        return kept
+        return share
 
-    JITFunction.run, Autotuner.run, Autotuner.prune_configs = run_jit, run_tuned, prune_matching
+    JITFunction.run, Autotuner.run, Autotuner.prune_configs = run_jit, run_tuned, prune_share
 
 
 def worker(
@@ -518,15 +515,14 @@ def worker(
     os.environ["GPTKERNELS_BACKEND"] = "triton"
     rec = _Recorder(sass, dump_sass)
     install_fake_driver(arch, rec)
-    if only:
-        _filter_kernels([parse_only(x) for x in only])  # before the sharding, which splits what it keeps
-    if shard[1] > 1:
-        _shard_autotuners(*shard)
+    _FILTERS["cli"] = [parse_only(x) for x in only or ()]
+    _patch_launches(*shard)
     from gptkernels.ops import _backend
 
     _backend.why_not_triton = lambda device: None  # the CPU tensors stand for CUDA ones
     for case in cases:
         rec.case = case_key(case)
+        _FILTERS["case"] = [parse_only(x) for x in case.get("only", ())]
         t0 = time.monotonic()
         try:
             _run_case(case)
@@ -698,7 +694,7 @@ def run(
         cases = [c for c in cases if all(k in c and c[k] in vs for k, vs in where.items())]
     args = argparse.Namespace(sass=sass, dump_sass=dump_sass, cache_dir=cache_dir, verbose=verbose, only=kernels)
     # Per arch, `jobs` workers: each runs every autotuned case (attention) compiling its share of the configs
-    # (see _shard_autotuners) and a round-robin share of the other cases.
+    # (see _patch_launches) and a round-robin share of the other cases.
     n = max(1, jobs)
     tuned = [c for c in cases if c["op"] in AUTOTUNED_OPS]
     other = [c for c in cases if c["op"] not in AUTOTUNED_OPS]
