@@ -624,7 +624,8 @@ _CONFIGS = {
 # both ways: at 255 registers they spill 8-56 B a thread at large D (sm_80: fwd 128 x 64 and 128 x 32 at D = 128,
 # fwd and dq 64 x 64 at D = 64; both archs: dkdv's fp32 tile at D = 128 with dropout), while without a cap ptxas
 # settles for 64-128 registers and spills 8-24 B at small D (sm_80 with dropout: fwd 128 x 64 at D = 8, fwd 64 x 64
-# at D = 32, dkdv's fp32 tile at D = 16 and 32; sm_90: dkdv's fp32 tile at D = 8 and 16 without dropout).
+# at D = 32, dkdv's fp32 tile at D = 16 and 32; sm_90: dkdv's fp32 tile at D = 8 and 16 without dropout). The same
+# choice is spill-free with Triton 3.6 (aot_check --full, sm_80 and sm_90), which honours maxnreg as 3.9 does.
 _PTXAS_CHOOSES_REGISTERS = {
     ("fwd", (128, 64, 8, 3)): 64,
     ("fwd", (128, 32, 8, 3)): 0,
