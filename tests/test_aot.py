@@ -2,10 +2,11 @@
 registers or cannot launch on sm_90 or sm_80, proven on a machine without a GPU.
 
 ``test_aot_selectable_variants_fit`` compiles the CI subset (every config of every kernel once per arch at its
-worst realistic key: for attention D = 128 with dropout; see ``aot_check.attention_cases``) in two worker
-processes with ``TRITON_INTERPRET`` unset: 330 s of CPU with a cold Triton cache on the kernels of 2026-12-02
-(about 3 minutes on 2 idle cores; the configs that spill are the slowest to compile), about a minute with a warm
-one. The full check over every realistic key is ``python -m benchmarks.aot_check --full``.
+worst realistic key: for attention D = 128 with dropout, and each per-head-size register cap at its largest D;
+see ``aot_check.attention_cases``) in two worker processes with ``TRITON_INTERPRET`` unset: 148 s of CPU, 75 s on
+the 2 cores, with a cold Triton cache (2026-12-02 15:29, Triton 3.9; 155 s and 88 s before the cap cases were
+added and single-config launches were compiled once per arch), about 30 s with a warm one. The full check over
+every realistic key is ``python -m benchmarks.aot_check --full`` (28 minutes cold for attention alone).
 """
 
 from __future__ import annotations
