@@ -24,8 +24,11 @@ Usage::
         --case '{"op": "attention", "dtype": "float16", "D": 64, "Tq": 1024, "Tk": 1024, "dropout": false}' \\
         --case '{"op": "attention", "dtype": "float16", "D": 64, "Tq": 1024, "Tk": 1024, "dropout": true}'
         # one key with and without dropout: a table of every variant with its SASS counts
+    python -m benchmarks.aot_check --full --ops attention --where D=8,16,32 --where Tq=1024,128 --no-write \
+        --only _attn_fwd_kernel:128x64x8x3 --only dkdv:16x16   # a few variants of the full check, in minutes
 
-Writes ``benchmarks/results/aot_sm<arch>.json`` (unless ``--no-write``; ``--full`` writes ``aot_full_sm<arch>``),
+Writes ``benchmarks/results/aot_sm<arch>.json`` (unless ``--no-write``; ``--full`` writes ``aot_full_sm<arch>``,
+``--suffix _triton3.6`` ``aot_sm<arch>_triton3.6``; the Triton version is in the file as ``triton``),
 prints the failures and exits 1 when a selectable variant fails. ``--sass`` adds per-variant SASS instruction
 counts: ``sass_instr`` (whole kernel), ``loops`` (instructions in each loop body, found as backward branches) and
 ``sass_per_elem`` (each loop's thread-instructions per BLOCK_M x BLOCK_N tile element; for attention the first
@@ -70,14 +73,21 @@ def attention_cases(full: bool) -> list[dict]:
     memory); plus fp32 (which always takes the smallest tile; fp32 tiles need the most shared memory) and
     decoding (Tq = 1, only the short row tiles) at D = 128. Some limits of ``_CONFIGS`` depend on D (tiles
     dropped at D = 128 come back at D = 64), so D = 64 with and without dropout too, in bf16: the benchmarks' keys
-    (``bench_cases``). ``full`` covers every head size, dtype and length.
+    (``bench_cases``). Some tiles' maxnreg depends on D too (``attention._PTXAS_CHOOSES_REGISTERS``): the largest
+    D that keeps the full register budget, with dropout, is each one's worst key with that cap (fp32 at D = 64
+    for dkdv's fp32 tile; D = 32 for the forward's 64 x 64, that tile only: a case's ``only`` works as
+    ``--only``; D = 64 for 128 x 64, above). ``full`` covers every head size, dtype and length.
     """
     if not full:
         return [
             dict(op="attention", dtype="float16", D=128, Tq=1024, Tk=1024, dropout=True),
             dict(op="attention", dtype="bfloat16", D=64, Tq=1024, Tk=1024, dropout=False),
             dict(op="attention", dtype="bfloat16", D=64, Tq=1024, Tk=1024, dropout=True),
+            dict(
+                op="attention", dtype="bfloat16", D=32, Tq=1024, Tk=1024, dropout=True, only=["_attn_fwd_kernel:64x64"]
+            ),
             dict(op="attention", dtype="float32", D=128, Tq=1024, Tk=1024, dropout=True),
+            dict(op="attention", dtype="float32", D=64, Tq=1024, Tk=1024, dropout=True),
             dict(op="attention", dtype="float16", D=128, Tq=1, Tk=1024, dropout=False),
             dict(op="attention_dropout_mask", Tq=256, Tk=256),
         ]
@@ -331,6 +341,7 @@ def _record_launch(rec: _Recorder, arch: int, src, metadata, function: dict, gri
             | {"num_warps": warps, "num_stages": stages},
             "specialization": {k: constexprs[k] for k in constexprs if not k.startswith("BLOCK") or k == "BLOCK_D"},
             "pointers": dtypes,
+            "maxnreg": getattr(metadata, "maxnreg", None),  # the register cap the config asked for (None: ptxas')
             "n_regs": regs,
             "n_spills": function["local_bytes"] // 4,
             "spill_bytes": function["local_bytes"],
@@ -438,32 +449,84 @@ def _autotuners() -> dict[str, list[dict]]:
     return found
 
 
-def _shard_autotuners(shard: int, n_shards: int) -> None:
-    """Let this worker compile only every ``n_shards``-th config that an autotuner's prune keeps (at least one,
-    so that the launch still happens): the workers of one arch split the configs of each autotuned case."""
+def parse_only(spec: str) -> tuple[str, tuple[int, ...]]:
+    """``KERNEL[:BMxBN[xWARPS[xSTAGES]]]`` -> (kernel name part, tile prefix), e.g. ``fwd:128x64x8``."""
+    name, _, tile = spec.partition(":")
+    try:
+        dims = tuple(int(x) for x in tile.split("x")) if tile else ()
+    except ValueError:
+        dims = (0,) * 5
+    if not name or len(dims) > 4 or (tile and len(dims) < 2):
+        raise ValueError(f"--only: expected KERNEL[:BMxBN[xWARPS[xSTAGES]]], e.g. fwd:128x64x8x3; got {spec!r}")
+    return name, dims
+
+
+def _config_matches(kernel: str, config, only: list[tuple[str, tuple[int, ...]]]) -> bool:
+    shape = (config.kwargs.get("BLOCK_M"), config.kwargs.get("BLOCK_N"), config.num_warps, config.num_stages)
+    return any(name in kernel and shape[: len(dims)] == dims for name, dims in only)
+
+
+class _NotSelected(Exception):
+    """An autotuned launch with nothing to compile here (no config passes the filters, or this worker's share of
+    the configs is empty): skipped, since nothing runs anyway."""
+
+
+# The filters of this worker: --only's ("cli") and the current case's own "only" ("case"); each non-empty list must
+# match a kernel (and an autotuned kernel's config) for it to compile.
+_FILTERS: dict[str, list[tuple[str, tuple[int, ...]]]] = {"cli": [], "case": []}
+
+
+def _patch_launches(shard: int, n_shards: int) -> None:
+    """Compile only what the filters let through, and of each autotuned launch only this worker's share: every
+    ``n_shards``-th config that the autotuner's prune keeps (the workers of one arch split the configs of each
+    autotuned case; a worker whose share is empty skips the launch, so a single config is compiled once)."""
     from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
 
-    prune = Autotuner.prune_configs
+    jit_run, tuned_run, prune = JITFunction.run, Autotuner.run, Autotuner.prune_configs
 
-    def sharded(self, kwargs):
-        kept = prune(self, kwargs)
-        return kept[shard::n_shards] or kept[:1]
+    def run_jit(self, *args, **kwargs):
+        if all(any(name in self.__name__ for name, _ in f) for f in _FILTERS.values() if f):
+            return jit_run(self, *args, **kwargs)
+        return None
 
-    Autotuner.prune_configs = sharded
+    def run_tuned(self, *args, **kwargs):
+        try:
+            return tuned_run(self, *args, **kwargs)
+        except _NotSelected:
+            return None
+
+    def prune_share(self, kwargs):
+        kernel = self.base_fn.__name__
+        kept = [c for c in prune(self, kwargs) if all(_config_matches(kernel, c, f) for f in _FILTERS.values() if f)]
+        share = kept[shard::n_shards]
+        if not share:
+            raise _NotSelected
+        return share
+
+    JITFunction.run, Autotuner.run, Autotuner.prune_configs = run_jit, run_tuned, prune_share
 
 
-def worker(arch: int, cases: list[dict], sass: bool, dump_sass: str | None, shard: tuple[int, int]) -> dict:
+def worker(
+    arch: int,
+    cases: list[dict],
+    sass: bool,
+    dump_sass: str | None,
+    shard: tuple[int, int],
+    only: list[str] | None = None,
+) -> dict:
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ["GPTKERNELS_BACKEND"] = "triton"
     rec = _Recorder(sass, dump_sass)
     install_fake_driver(arch, rec)
-    if shard[1] > 1:
-        _shard_autotuners(*shard)
+    _FILTERS["cli"] = [parse_only(x) for x in only or ()]
+    _patch_launches(*shard)
     from gptkernels.ops import _backend
 
     _backend.why_not_triton = lambda device: None  # the CPU tensors stand for CUDA ones
     for case in cases:
         rec.case = case_key(case)
+        _FILTERS["case"] = [parse_only(x) for x in case.get("only", ())]
         t0 = time.monotonic()
         try:
             _run_case(case)
@@ -496,6 +559,8 @@ def _spawn(arch: int, cases: list[dict], args, tmp: Path, i: int, n: int) -> dic
     cmd += ["--shard", f"{i}/{n}"]
     cmd += ["--sass"] if args.sass else []
     cmd += ["--dump-sass", args.dump_sass] if args.dump_sass else []
+    for spec in args.only or ():
+        cmd += ["--only", spec]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, stderr=None if args.verbose else subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise RuntimeError(
@@ -556,7 +621,8 @@ def failures(result: dict, check_coverage: bool = True) -> list[str]:
             why = list(v["reasons"]) + ([f"spills {v['spill_bytes']} B/thread"] if v["n_spills"] else [])
             lines.append(
                 f"{result['arch']} {v['kernel']} {_fmt(v['config'])} [{_fmt(v['specialization'])}; "
-                f"{','.join(v['pointers'])}] regs {v['n_regs']} shared {v['shared']}: {'; '.join(why)}"
+                f"{','.join(v['pointers'])}] maxnreg {v.get('maxnreg')} regs {v['n_regs']} shared {v['shared']}: "
+                f"{'; '.join(why)}"
             )
     lines += [f"{result['arch']} ERROR {e['case']}: {e['error'].splitlines()[0]}" for e in result["errors"]]
     if check_coverage:
@@ -586,6 +652,20 @@ def dump_json(result: dict) -> str:
     return "\n".join(lines) + "\n}\n"
 
 
+def _parse_where(text: str) -> tuple[str, list]:
+    field, sep, values = text.partition("=")
+    if not sep or not field or not values:
+        raise ValueError(f"--where: expected FIELD=V1,V2, e.g. D=8,16; got {text!r}")
+
+    def value(v: str):
+        try:
+            return json.loads(v)
+        except json.JSONDecodeError:
+            return v
+
+    return field, [value(v) for v in values.split(",")]
+
+
 def _fmt(d: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in d.items())
 
@@ -601,16 +681,24 @@ def run(
     verbose=False,
     bench=False,
     only: list[dict] | None = None,
+    kernels: list[str] | None = None,
+    where: dict | None = None,
 ) -> dict[int, dict]:
-    """Compile every case's kernels for each arch; return {arch: result} (see the module docstring)."""
+    """Compile every case's kernels for each arch; return {arch: result} (see the module docstring).
+
+    ``only``: these cases instead; ``where``: only the cases with these values (e.g. ``{"D": [8, 16]}``);
+    ``kernels``: ``--only`` specs, the kernels (and tiles) to compile.
+    """
     cases = [c for name, make in CASE_SETS.items() if not ops or name in ops for c in make(full)]
     if bench:
         cases = bench_cases()
     if only:
         cases = only
-    args = argparse.Namespace(sass=sass, dump_sass=dump_sass, cache_dir=cache_dir, verbose=verbose)
+    if where:
+        cases = [c for c in cases if all(k in c and c[k] in vs for k, vs in where.items())]
+    args = argparse.Namespace(sass=sass, dump_sass=dump_sass, cache_dir=cache_dir, verbose=verbose, only=kernels)
     # Per arch, `jobs` workers: each runs every autotuned case (attention) compiling its share of the configs
-    # (see _shard_autotuners) and a round-robin share of the other cases.
+    # (see _patch_launches) and a round-robin share of the other cases.
     n = max(1, jobs)
     tuned = [c for c in cases if c["op"] in AUTOTUNED_OPS]
     other = [c for c in cases if c["op"] not in AUTOTUNED_OPS]
@@ -629,7 +717,8 @@ def main(argv: list[str] | None = None) -> int:
         dump = argv[argv.index("--dump-sass") + 1] if "--dump-sass" in argv else None
         shard = argv[argv.index("--shard") + 1] if "--shard" in argv else "0/1"
         i, n = (int(x) for x in shard.split("/"))
-        result = worker(arch, json.loads(Path(cases_file).read_text()), sass, dump, (i, n))
+        only = [argv[j + 1] for j, x in enumerate(argv) if x == "--only"]
+        result = worker(arch, json.loads(Path(cases_file).read_text()), sass, dump, (i, n), only)
         Path(result_file).write_text(json.dumps(result))
         return 0
     p = argparse.ArgumentParser(prog="python -m benchmarks.aot_check", description=__doc__.split("\n\n")[0])
@@ -646,11 +735,26 @@ def main(argv: list[str] | None = None) -> int:
         '\'{"op": "attention", "dtype": "float16", "D": 64, "Tq": 1024, "Tk": 1024, "dropout": true}\' '
         "(repeatable)",
     )
+    p.add_argument(
+        "--only",
+        action="append",
+        metavar="KERNEL[:BMxBN[xW[xS]]]",
+        help="compile only kernels whose name contains KERNEL, and of autotuned ones only that tile, e.g. "
+        "fwd:128x64x8x3 (repeatable; reproduces a few variants in seconds)",
+    )
+    p.add_argument(
+        "--where",
+        action="append",
+        metavar="FIELD=V1,V2",
+        help="keep only the cases whose FIELD is one of the values, e.g. D=8,16 or dropout=true or dtype=float32 "
+        "(repeatable; values parsed as JSON, else strings)",
+    )
     p.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--sass", action="store_true", help="add SASS instruction counts to each variant")
     p.add_argument("--dump-sass", metavar="KERNEL", help="print the SASS of every variant of KERNEL")
     p.add_argument("--cache-dir", type=Path, help="TRITON_CACHE_DIR for the workers (default: Triton's)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for aot_sm<arch>.json")
+    p.add_argument("--suffix", default="", help="added to the JSON names, e.g. _triton3.6 for aot_sm90_triton3.6.json")
     p.add_argument("--no-write", action="store_true", help="print only; write no JSON")
     p.add_argument("--verbose", action="store_true", help="show each case as it compiles")
     a = p.parse_args(argv)
@@ -661,26 +765,34 @@ def main(argv: list[str] | None = None) -> int:
     ops = [x for x in a.ops.split(",") if x]
     if any(x not in CASE_SETS for x in ops):
         p.error(f"--ops: choose from {','.join(CASE_SETS)}")
+    try:
+        for spec in a.only or ():
+            parse_only(spec)
+        where = dict(_parse_where(x) for x in a.where or ())
+    except ValueError as e:
+        p.error(str(e))
     t0 = time.monotonic()
-    results = run(archs, ops, a.full, a.jobs, a.sass, a.dump_sass, a.cache_dir, a.verbose, a.bench, a.case)
+    results = run(
+        archs, ops, a.full, a.jobs, a.sass, a.dump_sass, a.cache_dir, a.verbose, a.bench, a.case, a.only, where
+    )
     bad = []
     for arch, result in results.items():
         n = len(result["variants"])
-        lines = failures(result, check_coverage=not (ops or a.case or a.bench))
+        lines = failures(result, check_coverage=not (ops or a.case or a.bench or a.only or where))
         print(f"sm_{arch}: {n} variants over {len(result['cases'])} cases, {len(lines)} failing")
-        if a.sass or a.case:
+        if a.sass or a.case or a.only:
             for v in result["variants"]:
                 sass = f" sass {v['sass_instr']} loops {v['loops']} per-elem {v.get('sass_per_elem')}" if a.sass else ""
                 print(
-                    f"  {v['kernel']} {_fmt(v['config'])} [{_fmt(v['specialization'])}] regs {v['n_regs']} "
-                    f"spill {v['spill_bytes']} B shared {v['shared']}{sass}"
+                    f"  {v['kernel']} {_fmt(v['config'])} [{_fmt(v['specialization'])}; {','.join(v['pointers'])}] "
+                    f"maxnreg {v['maxnreg']} regs {v['n_regs']} spill {v['spill_bytes']} B shared {v['shared']}{sass}"
                 )
         if not a.bench:  # warming a cache: the benchmarks report what they find
             bad += lines
         if not a.no_write:
             a.out.mkdir(parents=True, exist_ok=True)
             prefix = "bench_" if a.bench else "full_" if a.full else ""
-            path = a.out / f"aot_{prefix}sm{arch}.json"
+            path = a.out / f"aot_{prefix}sm{arch}{a.suffix}.json"
             path.write_text(dump_json(result))
             print(f"  wrote {path}")
     for line in bad:

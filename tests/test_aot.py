@@ -2,10 +2,11 @@
 registers or cannot launch on sm_90 or sm_80, proven on a machine without a GPU.
 
 ``test_aot_selectable_variants_fit`` compiles the CI subset (every config of every kernel once per arch at its
-worst realistic key: for attention D = 128 with dropout; see ``aot_check.attention_cases``) in two worker
-processes with ``TRITON_INTERPRET`` unset: 330 s of CPU with a cold Triton cache on the kernels of 2026-12-02
-(about 3 minutes on 2 idle cores; the configs that spill are the slowest to compile), about a minute with a warm
-one. The full check over every realistic key is ``python -m benchmarks.aot_check --full``.
+worst realistic key: for attention D = 128 with dropout, and each per-head-size register cap at its largest D;
+see ``aot_check.attention_cases``) in two worker processes with ``TRITON_INTERPRET`` unset: 148 s of CPU, 75 s on
+the 2 cores, with a cold Triton cache (2026-12-02 15:29, Triton 3.9; 155 s and 88 s before the cap cases were
+added and single-config launches were compiled once per arch), about 30 s with a warm one. The full check over
+every realistic key is ``python -m benchmarks.aot_check --full`` (28 minutes cold for attention alone).
 """
 
 from __future__ import annotations
@@ -62,6 +63,26 @@ def test_failures_lists_spills_overflows_errors_and_uncovered_kernels():
     assert len(aot_check.failures(result, check_coverage=False)) == 3
 
 
+def test_only_selects_kernels_and_tiles():
+    import triton
+
+    only = [aot_check.parse_only("dkdv:16x16"), aot_check.parse_only("_attn_fwd_kernel:128x64x8x3")]
+    tile = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=2)
+    assert aot_check._config_matches("_attn_bwd_dkdv_kernel", tile, only)
+    assert not aot_check._config_matches("_attn_bwd_dq_kernel", tile, only)
+    fa2 = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)
+    assert aot_check._config_matches("_attn_fwd_kernel", fa2, only)
+    assert not aot_check._config_matches("_attn_fwd_kernel", tile, only)
+    assert aot_check.parse_only("layer_norm") == ("layer_norm", ())
+    for bad in ("", "fwd:128", "fwd:axb", "fwd:1x2x3x4x5"):
+        with pytest.raises(ValueError, match="--only"):
+            aot_check.parse_only(bad)
+    assert aot_check._parse_where("D=8,16") == ("D", [8, 16])
+    assert aot_check._parse_where("dtype=float32,bfloat16") == ("dtype", ["float32", "bfloat16"])
+    with pytest.raises(ValueError, match="--where"):
+        aot_check._parse_where("D")
+
+
 def test_ci_subset_keeps_every_config_at_its_worst_key():
     cases = aot_check.attention_cases(full=False)
     assert any(c["op"] == "attention" and c["D"] == 128 and c["dropout"] and c["Tq"] == 1024 for c in cases)
@@ -70,8 +91,47 @@ def test_ci_subset_keeps_every_config_at_its_worst_key():
     # The tiles dropped at D = 128 (limits by D in attention._CONFIGS), with and without dropout.
     d64 = {c["dropout"] for c in cases if c["op"] == "attention" and c["D"] == 64 and c["Tq"] == 1024}
     assert d64 == {False, True}
+    # The largest D at which the tiles of attention._PTXAS_CHOOSES_REGISTERS keep maxnreg, with dropout.
+    from gptkernels.ops.attention import _CONFIGS, _PTXAS_CHOOSES_REGISTERS
+
+    capped = {(c["dtype"] == "float32", c["D"]) for c in cases if c["op"] == "attention" and c["dropout"]}
+    for (kernel, tile), up_to in _PTXAS_CHOOSES_REGISTERS.items():
+        fp32_only = _CONFIGS[kernel][tile][0] == 0
+        assert not up_to or (fp32_only, up_to) in capped, (kernel, tile, up_to)
     full = aot_check.attention_cases(full=True)
     assert {c["D"] for c in full if c["op"] == "attention"} == set(aot_check.HEAD_DIMS)
+
+
+def test_attention_register_cap_follows_the_head_size():
+    """aot_check --full found 8 spills (8-24 B a thread) on three tiles that spill at small D without maxnreg and at
+    large D with it: the prune function (what the autotuner and this check compile) gives each head size its cap."""
+    import torch
+
+    from gptkernels.ops.attention import _configs, _prune_tiles, _tile, selectable_configs
+    from gptkernels.ops.utils import max_registers
+
+    def cap(kernel, tile, d, dtype, dropout):
+        (config,) = [c for c in selectable_configs(kernel, d, dtype, dropout) if _tile(c) == tile]
+        return config.maxnreg
+
+    fp16, bf16, fp32 = torch.float16, torch.bfloat16, torch.float32
+    assert cap("fwd", (128, 64, 8, 3), 8, fp16, True) == max_registers(8) == 255  # sm_80: 8 B at 128 registers
+    assert cap("fwd", (128, 64, 8, 3), 128, bf16, False) is None  # sm_80: 40 B at 255
+    assert cap("fwd", (64, 64, 4, 3), 32, bf16, True) == 255  # sm_80: 8 B at 96
+    assert cap("fwd", (64, 64, 4, 3), 64, fp16, True) is None  # sm_80: 8 B at 255
+    assert cap("dkdv", (16, 16, 4, 2), 16, fp32, False) == 255  # sm_90: 24 B at 64
+    assert cap("dkdv", (16, 16, 4, 2), 32, fp32, True) == 255  # sm_80: 8 B at 72
+    assert cap("dkdv", (16, 16, 4, 2), 128, fp32, True) is None  # sm_80 40 B, sm_90 56 B at 255
+    assert cap("dq", (64, 64, 4, 3), 64, fp16, False) is None  # sm_80: 8 B at 255
+    # No cap keeps dkdv's 16 x 64 from spilling at D = 128 with dropout with Triton 3.6 (sm_80, 255 registers).
+    assert (16, 64, 4, 2) not in {_tile(c) for c in selectable_configs("dkdv", 128, fp16, True)}
+    assert (16, 64, 4, 2) in {_tile(c) for c in selectable_configs("dkdv", 64, fp16, True)}
+    # The autotuner's own list (the caps of D = 64) is left alone: the prune hands out copies.
+    configs = _configs("dkdv")
+    listed = [c.maxnreg for c in configs]
+    prune = _prune_tiles("dkdv")["early_config_prune"]
+    (kept,) = prune(configs, {"Q": torch.empty(1)}, BLOCK_D=128, DROPOUT=True, T_Q_BUCKET=1024, T_K_BUCKET=1024)
+    assert kept.maxnreg is None and [c.maxnreg for c in configs] == listed and 255 in listed
 
 
 @pytest.mark.slow

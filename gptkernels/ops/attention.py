@@ -649,10 +649,11 @@ def _dropout_mask_kernel(
 
 # Autotune configs of each kernel, (BLOCK_M, BLOCK_N, num_warps, num_stages), with the largest BLOCK_D each takes
 # for 16-bit inputs without dropout, for 16-bit inputs with dropout, and for fp32 (0: never). The limits come from
-# compiling every config at its limit for sm_90 and sm_80 with Triton 3.9 (registers, spills, shared memory): no
-# selectable config spills registers or needs more shared memory than sm_80's 163 KB. Past these limits the tiles
-# spill: dropout's RNG and the dk/dv kernel's two fp32 accumulators take registers, and fp32 without TF32 (FMA dots
-# that hold whole rows of both operands) takes so many that it gets its own small tile with room for D = 128.
+# compiling every config at its limit for sm_90 and sm_80 with Triton 3.9 and 3.6 (registers, spills, shared
+# memory): no selectable config spills registers or needs more shared memory than sm_80's 163 KB. Past these limits
+# the tiles spill: dropout's RNG and the dk/dv kernel's two fp32 accumulators take registers, and fp32 without TF32
+# (FMA dots that hold whole rows of both operands) takes so many that it gets its own small tile with room for
+# D = 128.
 _CONFIGS = {
     "fwd": {
         (128, 64, 8, 3): (128, 64, 0),  # FA2's forward tile
@@ -674,7 +675,9 @@ _CONFIGS = {
         (32, 128, 8, 3): (64, 64, 0),
         (64, 64, 8, 3): (128, 0, 0),
         (32, 64, 4, 3): (64, 64, 0),  # spills at D = 96 (padded to 128) on sm_80
-        (16, 64, 4, 2): (128, 128, 0),
+        # With dropout at D = 128 (sm_80): 255 registers, 0 B spilled with Triton 3.9 but 8-16 B with 3.6 at any
+        # maxnreg; 16 x 32 takes that case.
+        (16, 64, 4, 2): (128, 64, 0),
         (16, 32, 4, 2): (128, 128, 0),
         (16, 16, 4, 2): (0, 0, 128),  # fp32
     },
@@ -685,30 +688,46 @@ _CONFIGS = {
         (16, 16, 4, 2): (0, 0, 128),  # fp32
     },
 }
-# Tiles that spill more with maxnreg = 255 than without it (sm_80 fwd 128 x 64 and 128 x 32 at D = 128,
-# 64 x 64 fwd and dq at D = 64, dkdv's fp32 tile at D = 128 with dropout: 8-56 B at 255 registers). Without it
-# three of them still spill 8-24 B at small D (64-128 registers; aot_check --full: 6 variants on sm_80, 2 on
-# sm_90): a maxnreg by head size would need a config per D range.
+# Tiles whose register cap depends on the head size, with the largest BLOCK_D that gets maxnreg at the whole budget
+# (0: none); above it ptxas chooses. aot_check --full (Triton 3.9, sm_80 and sm_90) compiled each at every head size
+# both ways: at 255 registers they spill 8-56 B a thread at large D (sm_80: fwd 128 x 64 and 128 x 32 at D = 128,
+# fwd and dq 64 x 64 at D = 64; both archs: dkdv's fp32 tile at D = 128 with dropout), while without a cap ptxas
+# settles for 64-128 registers and spills 8-24 B at small D (sm_80 with dropout: fwd 128 x 64 at D = 8, fwd 64 x 64
+# at D = 32, dkdv's fp32 tile at D = 16 and 32; sm_90: dkdv's fp32 tile at D = 8 and 16 without dropout). The same
+# choice is spill-free with Triton 3.6 (aot_check --full, sm_80 and sm_90), which honours maxnreg as 3.9 does.
 _PTXAS_CHOOSES_REGISTERS = {
-    ("fwd", (128, 64, 8, 3)),
-    ("fwd", (128, 32, 8, 3)),
-    ("fwd", (64, 64, 4, 3)),
-    ("dq", (64, 64, 4, 3)),
-    ("dkdv", (16, 16, 4, 2)),
+    ("fwd", (128, 64, 8, 3)): 64,
+    ("fwd", (128, 32, 8, 3)): 0,
+    ("fwd", (64, 64, 4, 3)): 32,
+    ("dq", (64, 64, 4, 3)): 0,
+    ("dkdv", (16, 16, 4, 2)): 64,
 }
 _SMALL_PROBLEM = 256 * 256  # Tq * Tk up to this: the smallest tile, without benchmarking
 
 
+def _tile(config) -> tuple[int, int, int, int]:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+
+
+def _maxnreg(kernel: str, tile: tuple[int, int, int, int], block_d: int) -> int | None:
+    """The launch option ``maxnreg`` of ``tile`` at this BLOCK_D: the whole per-thread budget (without it ptxas
+    settles for a low register target on some tiles, 64-168 registers, and spills 8-24 bytes a thread; Triton 3.9,
+    sm_80 and sm_90), except above the head sizes of :data:`_PTXAS_CHOOSES_REGISTERS` (None: ptxas chooses)."""
+    if block_d > _PTXAS_CHOOSES_REGISTERS.get((kernel, tile), block_d):
+        return None
+    return max_registers(tile[2])
+
+
+_LISTED_BLOCK_D = 64  # the autotuner's config list carries the caps of D = 64 (GPT-2); the prune sets the others
+
+
 def _configs(kernel: str) -> list:
-    # maxnreg at the whole per-thread budget: without it ptxas settles for a low register target on some tiles
-    # (64-168 registers) and spills 8-24 bytes a thread (Triton 3.9, sm_80 and sm_90). Not on the tiles of
-    # _PTXAS_CHOOSES_REGISTERS, where it spills more than without (aot_check --full, Triton 3.9).
     return [
         triton.Config(
             {"BLOCK_M": m, "BLOCK_N": n},
             num_warps=w,
             num_stages=s,
-            maxnreg=None if (kernel, (m, n, w, s)) in _PTXAS_CHOOSES_REGISTERS else max_registers(w),
+            maxnreg=_maxnreg(kernel, (m, n, w, s), _LISTED_BLOCK_D),
         )
         for m, n, w, s in _CONFIGS[kernel]
     ]
@@ -716,8 +735,16 @@ def _configs(kernel: str) -> list:
 
 def _fits(kernel: str, config, block_d: int, dropout: bool, fp32: bool) -> bool:
     """Whether ``config`` of ``kernel`` compiles without spills and within shared memory at this size."""
-    key = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
-    return block_d <= _CONFIGS[kernel][key][2 if fp32 else 1 if dropout else 0]
+    return block_d <= _CONFIGS[kernel][_tile(config)][2 if fp32 else 1 if dropout else 0]
+
+
+def _with_registers(kernel: str, config, block_d: int):
+    """``config`` with the register cap of this BLOCK_D (:func:`_maxnreg`): the autotuner's configs are fixed
+    objects, so a tile whose cap at this head size differs from the listed one launches as a copy."""
+    maxnreg = _maxnreg(kernel, _tile(config), block_d)
+    if maxnreg == config.maxnreg:
+        return config
+    return triton.Config(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=maxnreg)
 
 
 def _prune_tiles(kernel: str):
@@ -726,7 +753,8 @@ def _prune_tiles(kernel: str):
     Keeps the configs that fit the head size, dtype and dropout (:data:`_CONFIGS`), then skips those whose row tile
     is longer than the rows there are (decoding's Tq = 1). Small problems (Tq * Tk <= 256 * 256) and fp32 (not a
     speed target) take the smallest tile without benchmarking, so that test suites on a GPU do not compile every
-    config for every shape.
+    config for every shape. The kept configs carry the register cap of this head size (:func:`_with_registers`;
+    the autotune key includes HEAD_DIM, so each head size is pruned on its own).
     """
     bucket, block = ("T_K_BUCKET", "BLOCK_N") if kernel == "dkdv" else ("T_Q_BUCKET", "BLOCK_M")
 
@@ -737,7 +765,7 @@ def _prune_tiles(kernel: str):
         kept = [c for c in fit if c.kwargs[block] <= args[bucket]] or fit
         if fp32 or args["T_Q_BUCKET"] * args["T_K_BUCKET"] <= _SMALL_PROBLEM:
             kept = [min(kept, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-        return kept
+        return [_with_registers(kernel, c, args["BLOCK_D"]) for c in kept]
 
     return {"early_config_prune": prune}
 
