@@ -74,9 +74,10 @@ def attention_cases(full: bool) -> list[dict]:
     decoding (Tq = 1, only the short row tiles) at D = 128. Some limits of ``_CONFIGS`` depend on D (tiles
     dropped at D = 128 come back at D = 64), so D = 64 with and without dropout too, in bf16: the benchmarks' keys
     (``bench_cases``). Some tiles' maxnreg depends on D too (``attention._PTXAS_CHOOSES_REGISTERS``): the largest
-    D that keeps the full register budget, with dropout, is each one's worst key with that cap (fp32 at D = 64
-    for dkdv's fp32 tile; D = 32 for the forward's 64 x 64, that tile only: a case's ``only`` works as
-    ``--only``; D = 64 for 128 x 64, above). ``full`` covers every head size, dtype and length.
+    D that keeps the full register budget, with dropout, is each one's worst key with that cap (fp32 at D = 32
+    for dkdv's fp32 tile and D = 32 for the forward's 64 x 64, each that tile only: a case's ``only`` works as
+    ``--only``; D = 64 for 128 x 64, above; fp32 at D = 64 and 128 are the dkdv tile's uncapped keys).
+    ``full`` covers every head size, dtype and length.
     """
     if not full:
         return [
@@ -88,6 +89,7 @@ def attention_cases(full: bool) -> list[dict]:
             ),
             dict(op="attention", dtype="float32", D=128, Tq=1024, Tk=1024, dropout=True),
             dict(op="attention", dtype="float32", D=64, Tq=1024, Tk=1024, dropout=True),
+            dict(op="attention", dtype="float32", D=32, Tq=1024, Tk=1024, dropout=True, only=["dkdv:16x16"]),
             dict(op="attention", dtype="float16", D=128, Tq=1, Tk=1024, dropout=False),
             dict(op="attention_dropout_mask", Tq=256, Tk=256),
         ]
