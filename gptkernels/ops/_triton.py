@@ -11,6 +11,7 @@ Triton decides at decoration time whether ``@triton.jit`` builds a compiled or a
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 try:
@@ -57,4 +58,15 @@ except ImportError:  # pragma: no cover - exercised only where triton does not i
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
-__all__ = ["HAS_TRITON", "INTERPRETED", "tl", "triton"]
+
+def _version() -> tuple[int, int]:
+    """(major, minor) of the installed Triton, (0, 0) without it: some register choices differ by version."""
+    if not HAS_TRITON:
+        return (0, 0)
+    parts = [re.match(r"\d*", p).group() for p in triton.__version__.split(".")[:2]]
+    return (int(parts[0] or 0), int(parts[1] or 0)) if len(parts) == 2 else (0, 0)
+
+
+VERSION = _version()
+
+__all__ = ["HAS_TRITON", "INTERPRETED", "VERSION", "tl", "triton"]
