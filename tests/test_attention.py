@@ -78,6 +78,18 @@ def _check_against_oracle(fn_kernel, fn_ref, inputs, dtype):
         assert_close_to_oracle(k, r, o, dtype, name)
 
 
+def _check_kernel(inputs, dtype, **kwargs):
+    """``ops.attention`` on the Triton path against the oracle, both called with ``kwargs``; returns the launches."""
+    with ops.count_launches() as launches:
+        _check_against_oracle(
+            lambda q, k, v: ops.attention(q, k, v, backend="triton", **kwargs),
+            lambda q, k, v: ops.attention_reference(q, k, v, **kwargs),
+            inputs,
+            dtype,
+        )
+    return launches
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Against the oracle
 # ---------------------------------------------------------------------------------------------------------
@@ -88,25 +100,12 @@ def _check_against_oracle(fn_kernel, fn_ref, inputs, dtype):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_attention_matches_oracle(shape, causal, dtype, device):
     _skip_bf16_on_cpu(dtype, device)
-    inputs = _qkv(*shape, dtype, device)
-    with ops.count_launches() as c:
-        _check_against_oracle(
-            lambda q, k, v: ops.attention(q, k, v, causal=causal, backend="triton"),
-            lambda q, k, v: ops.attention_reference(q, k, v, causal=causal),
-            inputs,
-            dtype,
-        )
+    c = _check_kernel(_qkv(*shape, dtype, device), dtype, causal=causal)
     assert c["attention_fwd"] == 1 and c["attention_bwd"] == 1, dict(c)
 
 
 def test_scale_reaches_the_kernel(device):
-    inputs = _qkv(1, 2, 29, 29, 16, torch.float32, device)
-    _check_against_oracle(
-        lambda q, k, v: ops.attention(q, k, v, scale=0.9, backend="triton"),
-        lambda q, k, v: ops.attention_reference(q, k, v, scale=0.9),
-        inputs,
-        torch.float32,
-    )
+    _check_kernel(_qkv(1, 2, 29, 29, 16, torch.float32, device), torch.float32, scale=0.9)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
@@ -600,13 +599,7 @@ def test_split_kv_decoding_matches_oracle(shape, causal, dtype, device):
     if device != "cpu":
         pytest.skip("the interpreter pretends to have 8 SMs; on a GPU the split depends on its SM count")
     inputs = _qkv(*shape, dtype, device)
-    with ops.count_launches() as c:
-        _check_against_oracle(
-            lambda q, k, v: ops.attention(q, k, v, causal=causal, backend="triton"),
-            lambda q, k, v: ops.attention_reference(q, k, v, causal=causal),
-            inputs,
-            dtype,
-        )
+    c = _check_kernel(inputs, dtype, causal=causal)
     assert c["attention_fwd_split"] == 1, dict(c)
     _, lse = attention_fwd(*inputs, None, causal, 0.0, 0.5)
     s = (inputs[0].double() @ inputs[1].double().transpose(-2, -1)) * 0.5
