@@ -25,7 +25,6 @@ from .utils import (
     device_guard,
     max_registers,
     next_power_of_2,
-    rows_2d,
     rows_of,
     unsupported_dtype,
 )
@@ -560,8 +559,7 @@ def _layer_norm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         ):
             return _layer_norm_apply(x, weight, bias, eps)
         return _layer_norm_fwd(x, None, weight, bias, eps, store_stats=False)[0]
-    y, _ = _layer_norm_fwd_op(rows_2d("layer_norm", "x", x), weight, bias, float(eps))
-    return y.view(x.shape)
+    return _layer_norm_fwd_op(x, weight, bias, float(eps))[0]
 
 
 def _add_layer_norm_triton(
@@ -590,10 +588,8 @@ def _add_layer_norm_triton(
             return _add_layer_norm_apply(x, residual, weight, bias, eps)
         y, s, _ = _layer_norm_fwd(x, residual, weight, bias, eps, store_stats=False)
         return s, y
-    s, y, _ = _add_layer_norm_fwd_op(
-        rows_2d("add_layer_norm", "x", x), rows_2d("add_layer_norm", "residual", residual), weight, bias, float(eps)
-    )
-    return s.view(x.shape), y.view(x.shape)
+    s, y, _ = _add_layer_norm_fwd_op(x, residual, weight, bias, float(eps))
+    return s, y
 
 
 def _contig(t: torch.Tensor | None) -> torch.Tensor | None:
