@@ -10,6 +10,10 @@ most 2x the PyTorch op's time, per call, for the no-grad forward and for forward
 recorded too: there an ``autograd.Function`` costs ~2.5 us on its own, more than half of what ``F.layer_norm``
 costs in all.
 
+Each provider's median is recorded as usual; the gptkernels case also times both providers in alternating short
+bursts and records the ratio of their fastest bursts (``vs_torch_interleaved``, what the report's target uses):
+on a shared VM the medians of two cases timed seconds apart swung by 1.5x, the interleaved ratio by ~1%.
+
 The CPU cases need neither a GPU nor Triton's interpreter (the stubbed kernels never run); on a CUDA machine
 the same cases run on CUDA tensors too, where the PyTorch op's time includes its real kernel launch.
 """
@@ -17,6 +21,7 @@ the same cases run on CUDA tensors too, where the PyTorch op's time includes its
 from __future__ import annotations
 
 import importlib
+import time
 
 import pytest
 import torch
@@ -48,7 +53,8 @@ class _StubbedFinish(_StubbedLaunch):
 
     @staticmethod
     def _launch(*args, **kwargs) -> None:
-        args[4].fill_(1)  # ok: one small fill, counted against gptkernels
+        args[0].fill_(1)  # the row outputs and the scalars after them, ok among them: one small fill, counted
+        # against gptkernels
 
 
 @pytest.fixture
@@ -107,6 +113,25 @@ def _call(op: str, provider: str, a: dict):
     }[op]
 
 
+def _one_call(mode: str, fn_op, leaves: list[torch.Tensor]):
+    """One call of ``fn_op`` as ``mode`` measures it."""
+    if mode == "fwd":
+
+        def one():
+            with torch.no_grad():
+                fn_op()
+
+        return one
+    if mode == "fwd+bwd":
+
+        def one():  # the gradients are returned, not accumulated: a stubbed kernel leaves garbage in them,
+            # and adding garbage (denormals) into .grad costs far more than the host path measured here
+            torch.autograd.grad(fn_op().sum(), leaves, allow_unused=True)
+
+        return one
+    return fn_op
+
+
 def _cases():
     for device in ("cpu", "cuda"):
         for op in OPS:
@@ -139,23 +164,8 @@ def test_host_overhead(benchmark, stubbed_launches, device, op, mode, provider):
         pytest.skip("CUDA case: this machine has no CUDA device")
     dev = torch.device(device)
     inputs = _inputs(dev, grad=mode != "fwd")
-    fn_op = _call(op, provider, inputs)
     leaves = [t for t in inputs.values() if t.requires_grad]
-
-    if mode == "fwd":
-
-        def one():
-            with torch.no_grad():
-                fn_op()
-
-    elif mode == "fwd+bwd":
-
-        def one():  # the gradients are returned, not accumulated: a stubbed kernel leaves garbage in them,
-            # and adding garbage (denormals) into .grad costs far more than the host path measured here
-            torch.autograd.grad(fn_op().sum(), leaves, allow_unused=True)
-
-    else:
-        one = fn_op
+    one = _one_call(mode, _call(op, provider, inputs), leaves)
 
     def fn():
         for _ in range(CALLS_PER_ROUND):
@@ -179,3 +189,30 @@ def test_host_overhead(benchmark, stubbed_launches, device, op, mode, provider):
     median = harness.time_cpu(benchmark, fn, rounds=15, warmup=1)
     if median is not None:
         benchmark.extra_info["host_us_per_call"] = median / CALLS_PER_ROUND * 1e6
+    if provider == "gptkernels":
+        theirs = _one_call(mode, _call(op, "torch", inputs), leaves)
+        ours_s, theirs_s = _fastest_bursts(one, theirs, sync=torch.cuda.synchronize if dev.type == "cuda" else None)
+        benchmark.extra_info["host_us_per_call_fastest"] = ours_s * 1e6
+        benchmark.extra_info["torch_us_per_call_fastest"] = theirs_s * 1e6
+        benchmark.extra_info["vs_torch_interleaved"] = ours_s / theirs_s
+
+
+def _fastest_bursts(
+    ours, theirs, *, bursts: int = 200, calls: int = 25, max_seconds: float = 3.0, sync=None
+) -> tuple[float, float]:
+    """Seconds per call of ``ours`` and ``theirs`` in their fastest burst of ``calls`` calls, the two alternating
+    burst by burst (at most ``bursts`` each, at most ~``max_seconds`` in all), so that a noisy neighbour slows
+    both alike."""
+    best = [float("inf"), float("inf")]
+    deadline = time.perf_counter() + max_seconds
+    for _ in range(bursts):
+        for i, fn in enumerate((ours, theirs)):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            if sync is not None:
+                sync()
+            best[i] = min(best[i], (time.perf_counter() - t0) / calls)
+        if time.perf_counter() > deadline:
+            break
+    return best[0], best[1]

@@ -108,7 +108,12 @@ def test_logits_rows_are_16_byte_aligned(device, monkeypatch):
     for dtype in (torch.float32, torch.float16):
         hidden, weight, targets = _inputs(7, 257, 16, dtype, device)
         _run(ops.linear_cross_entropy, hidden, weight, targets, 1.0, backend="triton")
-    assert len(seen) == 6
+    monkeypatch.setattr(ce, "_CHUNK_ROWS_OVERRIDE", 0)
+    for dtype in (torch.float32, torch.float16):  # one chunk, no gradient: the loss-only path's own buffer
+        hidden, weight, targets = _inputs(7, 257, 16, dtype, device)
+        with torch.no_grad():
+            ops.linear_cross_entropy(hidden, weight, targets, backend="triton")
+    assert len(seen) == 8
     for logits in seen:
         assert logits.stride(1) == 1 and logits.stride(0) % 16 == 0 and logits.stride(0) >= 257
         assert logits.data_ptr() % 16 == 0
@@ -181,14 +186,33 @@ def test_only_some_inputs_require_grad(grads, device, monkeypatch):
     _check_all(kernel, reference, oracle, torch.float32)
 
 
-def test_no_grad_loss_only(device):
+@pytest.mark.parametrize("chunk_rows", [0, 5], ids=["one-chunk", "chunks-of-5"])
+def test_no_grad_loss_only(chunk_rows, device, monkeypatch):
+    monkeypatch.setattr(ce, "_CHUNK_ROWS_OVERRIDE", chunk_rows)
     hidden, weight, targets = _inputs(33, 257, 16, torch.float16, device)
     with torch.no_grad(), ops.count_launches() as launches:
         loss = ops.linear_cross_entropy(hidden, weight, targets, backend="triton")
-    assert launches[KERNEL] == 1 and loss.grad_fn is None
+    assert launches[KERNEL] == (1 if chunk_rows == 0 else 7) and loss.grad_fn is None
     reference = ops.linear_cross_entropy_reference(hidden, weight, targets)
     oracle = F.cross_entropy(hidden.double() @ weight.double().T, targets)
     assert_close_to_oracle(loss, reference, oracle, torch.float16, "loss")
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no-grad"])
+def test_loss_takes_in_place_ops(grad, device):
+    # Gradient accumulation often scales the loss in place; the loss must be a tensor of its own (autograd
+    # refuses in-place ops on a view made inside a custom Function).
+    hidden, weight, targets = _inputs(9, 257, 16, torch.float32, device)
+    hidden.requires_grad_(grad)
+    loss = ops.linear_cross_entropy(hidden, weight, targets, backend="triton")
+    expected = ops.linear_cross_entropy_reference(hidden.detach(), weight, targets) / 4
+    loss /= 4
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+    if grad:
+        loss.backward()
+        h = hidden.detach().requires_grad_(True)
+        (ops.linear_cross_entropy_reference(h, weight, targets) / 4).backward()
+        torch.testing.assert_close(hidden.grad, h.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_autocast_casts_like_the_reference(device):

@@ -109,16 +109,16 @@ def _cross_entropy_rows_kernel(
 
 @triton.jit
 def _cross_entropy_finish_kernel(
-    rows_ptr,  # (3, N) fp32 from the row kernel: losses, counted flags, out-of-range flags
+    rows_ptr,  # (3N + 3,) fp32: the row kernel's (3, N) outputs, then the scalars written here (see below)
     n_rows,  # N
     loss_ptr,  # () fp32 out: the mean loss over counted rows (0 / 0 = nan when none counts, as in PyTorch)
-    scale_ptr,  # () fp32 out: 1 / (max(counted, 1) * GRAD_SCALE), the factor the backward applies
-    ok_ptr,  # () int32 out: 1 when no counted target is out of range
     GRAD_SCALE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """One program: the three sums over the rows and the scalars made of them. One launch instead of the ~10
-    small PyTorch ops (each a launch and its host cost) that the sums, the division and the checks took."""
+    """One program: the three sums over the rows and the scalars made of them: the loss, then after the rows the
+    factor the backward applies (1 / (max(counted, 1) * GRAD_SCALE)) and an ok flag (1.0 when no counted target
+    is out of range). One launch instead of the ~10 small PyTorch ops (each a launch and its host cost) that the
+    sums, the division and the checks took."""
     loss = tl.zeros((BLOCK,), dtype=tl.float32)
     counted = tl.zeros((BLOCK,), dtype=tl.float32)
     bad = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -130,8 +130,8 @@ def _cross_entropy_finish_kernel(
         bad += tl.load(rows_ptr + 2 * n_rows + offs, mask=ok, other=0.0)
     n_valid = tl.sum(counted, axis=0)  # exact: a sum of ones below 2**24
     tl.store(loss_ptr, tl.sum(loss, axis=0) / n_valid)
-    tl.store(scale_ptr, 1.0 / (tl.maximum(n_valid, 1.0) * GRAD_SCALE))
-    tl.store(ok_ptr, tl.where(tl.sum(bad, axis=0) == 0.0, 1, 0))
+    tl.store(rows_ptr + 3 * n_rows, 1.0 / (tl.maximum(n_valid, 1.0) * GRAD_SCALE))
+    tl.store(rows_ptr + 3 * n_rows + 1, tl.where(tl.sum(bad, axis=0) == 0.0, 1.0, 0.0))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -184,9 +184,23 @@ def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @functools.lru_cache(maxsize=1024)
-def _row_launch(v: int, elem_size: int) -> tuple[int, int]:
-    """(BLOCK, num_warps) of the row kernel, once per vocabulary size and dtype size."""
-    return row_launch(min(v, _MAX_BLOCK), elem_size)
+def _plan(
+    n: int, v: int, dtype: torch.dtype, chunk_rows: int, ignore_index: int
+) -> tuple[int, int, int, int, float, str]:
+    """Everything the launches need that depends only on the shapes, once per shape (each lookup and call on the
+    host costs a fraction of a microsecond, and a call's whole host budget is a few): (rows per chunk, the logits
+    buffer's row stride, the row kernel's BLOCK and num_warps, its GRAD_SCALE, the message of the target check)."""
+    elem_size = torch.empty((), dtype=dtype).element_size()
+    block, num_warps = row_launch(min(v, _MAX_BLOCK), elem_size)
+    message = f"linear_cross_entropy: targets must be in [0, {v}) or equal ignore_index={ignore_index}"
+    return (
+        _chunk_rows(n, v, elem_size, chunk_rows),
+        _padded_cols(v),
+        block,
+        num_warps,
+        _GRAD_SCALE.get(dtype, 1.0),
+        message,
+    )
 
 
 def _cross_entropy_rows(
@@ -196,49 +210,52 @@ def _cross_entropy_rows(
     row0: int,
     ignore_index: int,
     compute_grad: bool,
+    launch: tuple[int, int, float],
 ) -> None:
-    """Launch the row kernel on one chunk.
+    """Launch the row kernel on one chunk (on the current CUDA device: the caller guards it).
 
     Args:
         logits: (M, V) fp32/fp16/bf16, unit stride along V: rows row0 .. row0 + M - 1 of the batch; overwritten
             with (softmax - onehot) * _GRAD_SCALE when ``compute_grad`` (in its own dtype; the arithmetic is fp32).
-        targets: (N,) int64, contiguous, all the rows. rows_out: (3, N) fp32: the chunk's columns are written.
+        targets: (N,) int64, contiguous, all the rows. rows_out: (3N + 3,) fp32 (see _finish): the chunk's
+            entries of its (3, N) head are written.
+        launch: (BLOCK, num_warps, GRAD_SCALE) from :func:`_plan`.
     """
     m, v = logits.shape
     if m == 0:
         return
-    block, num_warps = _row_launch(v, logits.element_size())
-    # Triton launches on the current CUDA device and stream: make them logits' (tensors on another GPU).
-    with device_guard(logits):
-        _cross_entropy_rows_kernel[(m,)](
-            logits,
-            logits.stride(0),
-            targets,
-            rows_out,
-            row0,
-            rows_out.shape[1],
-            v,
-            ignore_index,
-            COMPUTE_GRAD=compute_grad,
-            GRAD_SCALE=_GRAD_SCALE.get(logits.dtype, 1.0),
-            BLOCK=block,
-            num_warps=num_warps,
-        )
+    block, num_warps, grad_scale = launch
+    _cross_entropy_rows_kernel[(m,)](
+        logits,
+        logits.stride(0),
+        targets,
+        rows_out,
+        row0,
+        targets.shape[0],
+        v,
+        ignore_index,
+        COMPUTE_GRAD=compute_grad,
+        GRAD_SCALE=grad_scale,
+        BLOCK=block,
+        num_warps=num_warps,
+    )
     _backend.record("cross_entropy_fwd_bwd")
 
 
-def _finish(rows_out: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, grad_scale, ok): 0-dim fp32, fp32, int32, from the row kernel's (3, N) outputs; one launch."""
-    device = rows_out.device
-    loss = torch.empty((), dtype=torch.float32, device=device)
-    scale = torch.empty((), dtype=torch.float32, device=device)
-    ok = torch.empty((), dtype=torch.int32, device=device)
-    with device_guard(rows_out):
-        _cross_entropy_finish_kernel[(1,)](
-            rows_out, rows_out.shape[1], loss, scale, ok, GRAD_SCALE=_GRAD_SCALE.get(dtype, 1.0), BLOCK=1024
-        )
+def _finish(
+    rows_out: torch.Tensor, n: int, grad_scale: float, need_scale: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(loss, grad_scale, ok): 0-dim fp32, from the row kernel's outputs in one launch.
+
+    ``rows_out``: (3N + 3,) fp32 (see _cross_entropy_finish_kernel); grad_scale and ok are views of the two
+    elements after the rows (grad_scale only when ``need_scale``, else None). The loss is a tensor of its own when
+    ``need_scale`` (an autograd.Function's output must not be a view: in-place ops on it are refused), else a
+    view of the third (one allocation fewer; no autograd without gradients). ``grad_scale``: _GRAD_SCALE's.
+    """
+    loss = torch.empty((), dtype=torch.float32, device=rows_out.device) if need_scale else rows_out[3 * n + 2]
+    _cross_entropy_finish_kernel[(1,)](rows_out, n, loss, GRAD_SCALE=grad_scale, BLOCK=1024)
     _backend.record("cross_entropy_finish")
-    return loss, scale, ok
+    return loss, rows_out[3 * n] if need_scale else None, rows_out[3 * n + 1]
 
 
 def _matmul_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
@@ -257,6 +274,25 @@ def _matmul_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate
     else:
         # CPU has no mixed-dtype GEMM: upcast the operands, as cuBLAS would.
         _matmul_fp32(a.float(), b.float(), out, accumulate)
+
+
+def _linear_cross_entropy_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int
+) -> torch.Tensor:
+    """The loss alone (no gradient asked), eager: :func:`_linear_cross_entropy_fwd`'s loop cut to its one chunk
+    when the rows fit one (the common case: evaluation batches), for its host cost."""
+    n, v = hidden.shape[0], weight.shape[0]
+    rows, padded, block, num_warps, scale, message = _plan(n, v, hidden.dtype, _CHUNK_ROWS_OVERRIDE, ignore_index)
+    if rows != n or n == 0 or not targets.is_contiguous():
+        return _linear_cross_entropy_fwd(hidden, weight, targets, ignore_index, _CHUNK_ROWS_OVERRIDE, False, False)[0]
+    rows_out = torch.empty(3 * n + 3, dtype=torch.float32, device=hidden.device)
+    logits = torch.empty_strided((n, v), (padded, 1), dtype=hidden.dtype, device=hidden.device)
+    with device_guard(hidden):
+        F.linear(hidden, weight, out=logits)  # (N, V)
+        _cross_entropy_rows(logits, targets, rows_out, 0, ignore_index, False, (block, num_warps, scale))
+        loss, _, ok = _finish(rows_out, n, scale, False)
+    torch._assert_async(ok, message)
+    return loss
 
 
 def _linear_cross_entropy_fwd(
@@ -279,14 +315,15 @@ def _linear_cross_entropy_fwd(
         grad_weight: (V, C) accumulated in fp32, kept in fp32 for fp16 and fp32 weights, else in weight's dtype;
             or None when not ``need_grad_weight``;
         grad_scale: () fp32: the gradients of the mean loss are ``grad_scale * grad_hidden`` and
-            ``grad_scale * grad_weight`` (1 / (n_valid * _GRAD_SCALE)).
+            ``grad_scale * grad_weight`` (1 / (n_valid * _GRAD_SCALE)); None when no gradient is asked.
     """
     n, c = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
     if not targets.is_contiguous():
         targets = targets.contiguous()
-    rows_out = torch.empty((3, n), dtype=torch.float32, device=dev)
+    # The row kernel's (3, N) outputs and the scalars _finish makes of them: one allocation.
+    rows_out = torch.empty(3 * n + 3, dtype=torch.float32, device=dev)
     grad_dtype = _grad_dtype(hidden.dtype)
     grad_hidden = torch.empty((n, c), dtype=grad_dtype, device=dev) if need_grad_hidden else None
     acc = None
@@ -295,37 +332,38 @@ def _linear_cross_entropy_fwd(
         acc = alloc((v, c), dtype=torch.float32, device=dev)
     compute_grad = need_grad_hidden or need_grad_weight
 
-    rows = _chunk_rows(n, v, hidden.element_size(), chunk_rows)
+    rows, padded, block, num_warps, scale, message = _plan(n, v, hidden.dtype, chunk_rows, ignore_index)
+    launch = block, num_warps, scale
     # Reused by every chunk; rows padded to _ROW_ALIGN elements. On the CPU the padding is zeroed for the
     # gradients' GEMMs: PyTorch's CPU bf16 GEMM reads past a row's end (multiplying it by zero), so
     # uninitialised padding that held a NaN made a whole row of grad_hidden NaN. cuBLAS reads only V columns.
-    padded = _padded_cols(v)
-    alloc = torch.zeros if compute_grad and not hidden.is_cuda else torch.empty
-    logits_buf = alloc((rows, padded), dtype=hidden.dtype, device=dev)
-    if padded != v:
-        logits_buf = logits_buf[:, :v]
-    weight_t = weight.t()
+    if compute_grad and not hidden.is_cuda:
+        logits_buf = torch.zeros((rows, padded), dtype=hidden.dtype, device=dev)[:, :v]
+    else:
+        logits_buf = torch.empty_strided((rows, v), (padded, 1), dtype=hidden.dtype, device=dev)
     one_chunk = rows == n  # no slicing (each slice is a small op with its host cost)
-    for start in range(0, n, rows):
-        end = min(start + rows, n)
-        h = hidden if one_chunk else hidden[start:end]
-        logits = logits_buf if one_chunk else logits_buf[: end - start]
-        torch.mm(h, weight_t, out=logits)  # (M, V)
-        _cross_entropy_rows(logits, targets, rows_out, start, ignore_index, compute_grad)
-        if need_grad_hidden:
-            gh = grad_hidden if one_chunk else grad_hidden[start:end]
-            if grad_dtype == hidden.dtype:
-                torch.mm(logits, weight, out=gh)  # (M, C)
-            else:
-                _matmul_fp32(logits, weight, gh, accumulate=False)
-        if acc is not None:
-            _matmul_fp32(logits.t(), h, acc, accumulate=start > 0)  # (V, C)
+    # Triton launches on the current CUDA device and stream: make them the inputs' (tensors on another GPU).
+    with device_guard(hidden):
+        for start in range(0, n, rows):
+            end = min(start + rows, n)
+            h = hidden if one_chunk else hidden[start:end]
+            logits = logits_buf if one_chunk else logits_buf[: end - start]
+            F.linear(h, weight, out=logits)  # (M, V)
+            _cross_entropy_rows(logits, targets, rows_out, start, ignore_index, compute_grad, launch)
+            if need_grad_hidden:
+                gh = grad_hidden if one_chunk else grad_hidden[start:end]
+                if grad_dtype == hidden.dtype:
+                    torch.mm(logits, weight, out=gh)  # (M, C)
+                else:
+                    _matmul_fp32(logits, weight, gh, accumulate=False)
+            if acc is not None:
+                _matmul_fp32(logits.t(), h, acc, accumulate=start > 0)  # (V, C)
 
-    # The mean loss (0 / 0 = nan when every target is ignored, as in PyTorch) and the gradients' factor.
-    loss, grad_scale, ok = _finish(rows_out, hidden.dtype)
+        # The mean loss (0 / 0 = nan when every target is ignored, as in PyTorch) and the gradients' factor.
+        loss, grad_scale, ok = _finish(rows_out, n, scale, compute_grad)
     # Checked on the device, so no host sync: on CUDA a bad target is a device-side assert (as in
     # F.cross_entropy), reported at the next synchronising call; on the CPU it raises here.
-    torch._assert_async(ok, f"linear_cross_entropy: targets must be in [0, {v}) or equal ignore_index={ignore_index}")
+    torch._assert_async(ok, message)
     if acc is None:
         grad_weight = None
     else:
@@ -352,7 +390,12 @@ def _linear_cross_entropy_fwd_outputs(
         hidden, weight, targets, ignore_index, chunk_rows, need_grad_hidden, need_grad_weight
     )
     grad_hidden = hidden.new_empty(0) if grad_hidden is None else grad_hidden
-    return loss, grad_hidden, weight.new_empty(0) if grad_weight is None else grad_weight, grad_scale
+    grad_weight = weight.new_empty(0) if grad_weight is None else grad_weight
+    if grad_scale is None:  # no gradient asked: the backward never reads it (zero: outputs are deterministic)
+        grad_scale = hidden.new_zeros((), dtype=torch.float32)
+    # The scalars may be views into the row outputs' buffer; a custom op returns tensors of their own (with the
+    # metadata its fake implementation gives).
+    return loss.clone(), grad_hidden, grad_weight, grad_scale.clone()
 
 
 def _fwd_without_autocast(*args):
@@ -415,7 +458,8 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, chunk_rows, need_grad_hidden, need_grad_weight):
-        loss, grad_hidden, grad_weight, grad_scale = _fwd_without_autocast(
+        # Autocast is off here (see _linear_cross_entropy_triton).
+        loss, grad_hidden, grad_weight, grad_scale = _linear_cross_entropy_fwd(
             hidden, weight, targets, ignore_index, chunk_rows, need_grad_hidden, need_grad_weight
         )
         ctx.save_for_backward(grad_hidden, grad_weight, grad_scale)
@@ -496,14 +540,25 @@ def _check_inputs(
 def _linear_cross_entropy_triton(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int
 ) -> torch.Tensor:
+    """The Triton path on checked inputs: the custom op when traced, else the autograd.Function (gradients
+    asked) or the launchers alone. Under autocast both inputs are cast to its dtype (as the reference's matmul
+    would be) and the chunks' matmuls then run with autocast off, in that dtype."""
+    device_type = "cuda" if hidden.is_cuda else hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return _linear_cross_entropy_triton(hidden.to(dtype), weight.to(dtype), targets, ignore_index)
     grad_on = torch.is_grad_enabled()
     need_hidden, need_weight = grad_on and hidden.requires_grad, grad_on and weight.requires_grad
-    args = (hidden, weight, targets, ignore_index, _CHUNK_ROWS_OVERRIDE, need_hidden, need_weight)
-    if not is_eager(hidden):
-        return _linear_cross_entropy_fwd_op(*args)[0]
-    if need_hidden or need_weight:
-        return _linear_cross_entropy_apply(*args)
-    return _fwd_without_autocast(*args)[0]
+    if is_eager(hidden):
+        if not (need_hidden or need_weight):
+            return _linear_cross_entropy_loss(hidden, weight, targets, ignore_index)
+        return _linear_cross_entropy_apply(
+            hidden, weight, targets, ignore_index, _CHUNK_ROWS_OVERRIDE, need_hidden, need_weight
+        )
+    return _linear_cross_entropy_fwd_op(
+        hidden, weight, targets, ignore_index, _CHUNK_ROWS_OVERRIDE, need_hidden, need_weight
+    )[0]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -536,15 +591,15 @@ def linear_cross_entropy(
     Returns:
         scalar fp32 loss, the mean over counted targets.
     """
+    if _inputs_ok(hidden, weight, targets, ignore_index, FLOAT_DTYPES):  # the common case, checked in one pass
+        if use_triton(_OP, hidden.device, backend):
+            return _linear_cross_entropy_triton(hidden, weight, targets, ignore_index)
+        return linear_cross_entropy_reference(hidden, weight, targets, ignore_index)
     unsupported = unsupported_dtype(hidden) if isinstance(hidden, torch.Tensor) else None
     # The reference takes float64 too (the kernel's refusal is use_triton's to handle).
     _check_inputs(hidden, weight, targets, ignore_index, FLOAT_DTYPES if unsupported is None else _REFERENCE_DTYPES)
     if use_triton(_OP, hidden.device, backend, unsupported):
         if unsupported is not None:  # "triton" with a dtype the kernel does not take: the dtype error
             _check_inputs(hidden, weight, targets, ignore_index)
-        device_type = "cuda" if hidden.is_cuda else hidden.device.type
-        if torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
-            hidden, weight = hidden.to(dtype), weight.to(dtype)
         return _linear_cross_entropy_triton(hidden, weight, targets, ignore_index)
     return linear_cross_entropy_reference(hidden, weight, targets, ignore_index)
