@@ -186,21 +186,15 @@ def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
 @functools.lru_cache(maxsize=1024)
 def _plan(
     n: int, v: int, dtype: torch.dtype, chunk_rows: int, ignore_index: int
-) -> tuple[int, int, int, int, float, str]:
+) -> tuple[int, int, tuple[int, int, float], str]:
     """Everything the launches need that depends only on the shapes, once per shape (each lookup and call on the
     host costs a fraction of a microsecond, and a call's whole host budget is a few): (rows per chunk, the logits
-    buffer's row stride, the row kernel's BLOCK and num_warps, its GRAD_SCALE, the message of the target check)."""
+    buffer's row stride, the row kernel's (BLOCK, num_warps, GRAD_SCALE), the message of the target check)."""
     elem_size = torch.empty((), dtype=dtype).element_size()
     block, num_warps = row_launch(min(v, _MAX_BLOCK), elem_size)
     message = f"linear_cross_entropy: targets must be in [0, {v}) or equal ignore_index={ignore_index}"
-    return (
-        _chunk_rows(n, v, elem_size, chunk_rows),
-        _padded_cols(v),
-        block,
-        num_warps,
-        _GRAD_SCALE.get(dtype, 1.0),
-        message,
-    )
+    launch = block, num_warps, _GRAD_SCALE.get(dtype, 1.0)
+    return _chunk_rows(n, v, elem_size, chunk_rows), _padded_cols(v), launch, message
 
 
 def _cross_entropy_rows(
@@ -282,15 +276,16 @@ def _linear_cross_entropy_loss(
     """The loss alone (no gradient asked), eager: :func:`_linear_cross_entropy_fwd`'s loop cut to its one chunk
     when the rows fit one (the common case: evaluation batches), for its host cost."""
     n, v = hidden.shape[0], weight.shape[0]
-    rows, padded, block, num_warps, scale, message = _plan(n, v, hidden.dtype, _CHUNK_ROWS_OVERRIDE, ignore_index)
+    rows, padded, launch, message = _plan(n, v, hidden.dtype, _CHUNK_ROWS_OVERRIDE, ignore_index)
     if rows != n or n == 0 or not targets.is_contiguous():
         return _linear_cross_entropy_fwd(hidden, weight, targets, ignore_index, _CHUNK_ROWS_OVERRIDE, False, False)[0]
-    rows_out = torch.empty(3 * n + 3, dtype=torch.float32, device=hidden.device)
-    logits = torch.empty_strided((n, v), (padded, 1), dtype=hidden.dtype, device=hidden.device)
+    dev = hidden.device
+    rows_out = torch.empty(3 * n + 3, dtype=torch.float32, device=dev)
+    logits = torch.empty_strided((n, v), (padded, 1), dtype=hidden.dtype, device=dev)
     with device_guard(hidden):
         F.linear(hidden, weight, out=logits)  # (N, V)
-        _cross_entropy_rows(logits, targets, rows_out, 0, ignore_index, False, (block, num_warps, scale))
-        loss, _, ok = _finish(rows_out, n, scale, False)
+        _cross_entropy_rows(logits, targets, rows_out, 0, ignore_index, False, launch)
+        loss, _, ok = _finish(rows_out, n, launch[2], False)
     torch._assert_async(ok, message)
     return loss
 
@@ -332,8 +327,7 @@ def _linear_cross_entropy_fwd(
         acc = alloc((v, c), dtype=torch.float32, device=dev)
     compute_grad = need_grad_hidden or need_grad_weight
 
-    rows, padded, block, num_warps, scale, message = _plan(n, v, hidden.dtype, chunk_rows, ignore_index)
-    launch = block, num_warps, scale
+    rows, padded, launch, message = _plan(n, v, hidden.dtype, chunk_rows, ignore_index)
     # Reused by every chunk; rows padded to _ROW_ALIGN elements. On the CPU the padding is zeroed for the
     # gradients' GEMMs: PyTorch's CPU bf16 GEMM reads past a row's end (multiplying it by zero), so
     # uninitialised padding that held a NaN made a whole row of grad_hidden NaN. cuBLAS reads only V columns.
@@ -360,7 +354,7 @@ def _linear_cross_entropy_fwd(
                 _matmul_fp32(logits.t(), h, acc, accumulate=start > 0)  # (V, C)
 
         # The mean loss (0 / 0 = nan when every target is ignored, as in PyTorch) and the gradients' factor.
-        loss, grad_scale, ok = _finish(rows_out, n, scale, compute_grad)
+        loss, grad_scale, ok = _finish(rows_out, n, launch[2], compute_grad)
     # Checked on the device, so no host sync: on CUDA a bad target is a device-side assert (as in
     # F.cross_entropy), reported at the next synchronising call; on the CPU it raises here.
     torch._assert_async(ok, message)

@@ -63,11 +63,13 @@ def rows_2d(op: str, name: str, x: torch.Tensor) -> torch.Tensor:
 def rows_of(op: str, name: str, t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     """(t, M, row stride) for a launch over the rows of ``t`` (..., N), N > 0: ``t`` itself when contiguous (any
     leading shape: no reshape, whose host cost is a third of a small PyTorch op's), else its (M, N) rows view."""
-    if t.is_contiguous():
-        n = t.shape[-1]
-        return t, t.numel() // n, n
-    t = rows_2d(op, name, t)
-    return t, t.shape[0], t.stride(0)
+    if not t.is_contiguous():
+        if t.dim() == 0 or t.stride(-1) == 1:
+            t = rows_2d(op, name, t)  # a view of the rows where their layout allows one
+            return t, t.shape[0], t.stride(0)
+        t = t.contiguous()  # e.g. the expanded gradient of a sum: rows_2d would copy it too
+    n = t.shape[-1]
+    return t, t.numel() // n, n
 
 
 _NO_GUARD = contextlib.nullcontext()
