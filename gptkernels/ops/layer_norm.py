@@ -551,7 +551,7 @@ def _check_params(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 
 def _layer_norm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
-    _check_params("layer_norm", x, weight, bias, eps)
+    """The Triton path on inputs that passed :func:`_check_params`."""
     weight, bias = weight.contiguous(), _contig(bias)
     if is_eager(x):
         if torch.is_grad_enabled() and (
@@ -565,7 +565,7 @@ def _layer_norm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 def _add_layer_norm_triton(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_params("add_layer_norm", x, weight, bias, eps)
+    """The Triton path on inputs that passed :func:`_check_params` (residual is checked here)."""
     if not (
         type(residual) in TENSOR_TYPES
         and residual.shape == x.shape
@@ -614,7 +614,11 @@ def layer_norm(
     Returns:
         (..., N), the dtype of ``x``.
     """
-    if use_triton("layer_norm", x.device, backend, _unsupported(x)):
+    if _params_ok(x, weight, bias, eps):  # the common case: checked in one pass, and the kernel takes x
+        if use_triton("layer_norm", x.device, backend):
+            return _layer_norm_triton(x, weight, bias, eps)
+    elif use_triton("layer_norm", x.device, backend, _unsupported(x)):
+        _check_params("layer_norm", x, weight, bias, eps)
         return _layer_norm_triton(x, weight, bias, eps)
     return layer_norm_reference(x, weight, bias, eps)
 
@@ -633,6 +637,10 @@ def add_layer_norm(
     ``residual`` has the shape of ``x``; ``s`` and ``normed`` have the promoted dtype of ``x`` and ``residual``
     (as ``x + residual`` would). The gradient reaching ``s`` from both outputs flows to ``x`` and ``residual``.
     """
-    if use_triton("add_layer_norm", x.device, backend, _unsupported(x)):
+    if _params_ok(x, weight, bias, eps):  # the common case: checked in one pass, and the kernel takes x
+        if use_triton("add_layer_norm", x.device, backend):
+            return _add_layer_norm_triton(x, residual, weight, bias, eps)
+    elif use_triton("add_layer_norm", x.device, backend, _unsupported(x)):
+        _check_params("add_layer_norm", x, weight, bias, eps)
         return _add_layer_norm_triton(x, residual, weight, bias, eps)
     return add_layer_norm_reference(x, residual, weight, bias, eps)
