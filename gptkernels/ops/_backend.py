@@ -68,9 +68,21 @@ def interpreter_on() -> bool:
     return _triton.INTERPRETED
 
 
+_DEVICE_TYPES: dict[torch.device, str] = {}
+
+
+def device_type(device: torch.device) -> str:
+    """``device.type``, which costs ~0.23 µs a read (a new str each time; the lookup here ~0.03 µs): every op
+    call reads it."""
+    kind = _DEVICE_TYPES.get(device)
+    if kind is None:
+        kind = _DEVICE_TYPES[device] = device.type
+    return kind
+
+
 def why_not_triton(device: torch.device) -> str | None:
     """The reason the Triton kernels cannot run on ``device``, or None when they can."""
-    kind = device.type  # ~0.2 µs a read: this runs on every op call
+    kind = _DEVICE_TYPES.get(device) or device_type(device)
     if not triton_available():
         return "triton is not installed (it installs on Linux x86-64)"
     if kind == "cuda":

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
-from ._backend import eager_apply, is_eager, use_triton
+from ._backend import device_type, eager_apply, is_eager, use_triton
 from ._triton import tl, triton
 from .utils import FLOAT_DTYPES, TENSOR_TYPES, check_tensor, device_guard, row_launch, unsupported_dtype
 
@@ -537,10 +537,10 @@ def _linear_cross_entropy_triton(
     """The Triton path on checked inputs: the custom op when traced, else the autograd.Function (gradients
     asked) or the launchers alone. Under autocast both inputs are cast to its dtype (as the reference's matmul
     would be) and the chunks' matmuls then run with autocast off, in that dtype."""
-    device_type = "cuda" if hidden.is_cuda else hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        with torch.autocast(device_type, enabled=False):
+    kind = device_type(hidden.device)
+    if torch.is_autocast_enabled(kind):
+        dtype = torch.get_autocast_dtype(kind)
+        with torch.autocast(kind, enabled=False):
             return _linear_cross_entropy_triton(hidden.to(dtype), weight.to(dtype), targets, ignore_index)
     grad_on = torch.is_grad_enabled()
     need_hidden, need_weight = grad_on and hidden.requires_grad, grad_on and weight.requires_grad
