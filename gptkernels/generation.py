@@ -233,19 +233,25 @@ def generate_text(
     device = model.transformer.wte.weight.device
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     eos = getattr(tokenizer, "eot_token", None) if stop_at_eos else None
+    tokens = generate_tokens(model, idx, max_new_tokens, temperature=temperature, eos_token=eos, **kwargs)
+    if on_text is None:  # nothing to stream: read the ids once at the end (on CUDA a read per token is a sync)
+        cols = list(tokens)
+        ids_out: list[int] = torch.cat(cols).tolist() if cols else []
+        if eos is not None and eos in ids_out:
+            ids_out = ids_out[: ids_out.index(eos)]
+        return prompt + tokenizer.decode(ids_out)
     out: list[int] = []
     printed = ""
-    for col in generate_tokens(model, idx, max_new_tokens, temperature=temperature, eos_token=eos, **kwargs):
+    for col in tokens:
         t = int(col[0])
         if eos is not None and t == eos:
             break
         out.append(t)
-        if on_text is not None:
-            text = tokenizer.decode(out)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                on_text(text[len(printed) :])
-                printed = text
+        text = tokenizer.decode(out)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            on_text(text[len(printed) :])
+            printed = text
     text = tokenizer.decode(out)
-    if on_text is not None and len(text) > len(printed):
+    if len(text) > len(printed):
         on_text(text[len(printed) :])
     return prompt + text

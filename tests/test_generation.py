@@ -73,6 +73,18 @@ def test_streaming_callback_sees_the_whole_text():
     assert "Hello" + "".join(pieces) == text
 
 
+def test_text_without_streaming_reads_the_ids_once(monkeypatch):
+    # Without on_text nothing needs each token as it comes: the ids are read back once at the end, not one host
+    # read (a device sync on CUDA) per token; the text is the streamed one.
+    model = small_model()
+    streamed = generate_text(model, "Hello", max_new_tokens=12, temperature=0, on_text=lambda piece: None)
+    reads = []
+    to_int = torch.Tensor.__int__
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda t: (reads.append(1), to_int(t))[1])
+    assert generate_text(model, "Hello", max_new_tokens=12, temperature=0) == streamed
+    assert reads == []
+
+
 def test_stops_at_end_of_text():
     model = small_model()
     with torch.no_grad():  # make <|endoftext|> the only likely token
