@@ -199,34 +199,35 @@ def _plan(
 
 def _cross_entropy_rows(
     logits: torch.Tensor,
+    stride: int,
     targets: torch.Tensor,
     rows_out: torch.Tensor,
     row0: int,
+    m: int,
     ignore_index: int,
     compute_grad: bool,
     launch: tuple[int, int, float],
 ) -> None:
-    """Launch the row kernel on one chunk (on the current CUDA device: the caller guards it).
+    """Launch the row kernel on one chunk of ``m`` > 0 rows (on the current CUDA device: the caller guards it).
 
     Args:
-        logits: (M, V) fp32/fp16/bf16, unit stride along V: rows row0 .. row0 + M - 1 of the batch; overwritten
-            with (softmax - onehot) * _GRAD_SCALE when ``compute_grad`` (in its own dtype; the arithmetic is fp32).
+        logits: (m, V) fp32/fp16/bf16, rows ``stride`` elements apart, unit stride along V: rows row0 .. row0 +
+            m - 1 of the batch; overwritten with (softmax - onehot) * _GRAD_SCALE when ``compute_grad`` (in its
+            own dtype; the arithmetic is fp32).
         targets: (N,) int64, contiguous, all the rows. rows_out: (3N + 3,) fp32 (see _finish): the chunk's
             entries of its (3, N) head are written.
         launch: (BLOCK, num_warps, GRAD_SCALE) from :func:`_plan`.
+    The caller passes what it knows (shapes, strides) rather than this reading it: each read costs host time.
     """
-    m, v = logits.shape
-    if m == 0:
-        return
     block, num_warps, grad_scale = launch
     _cross_entropy_rows_kernel[(m,)](
         logits,
-        logits.stride(0),
+        stride,
         targets,
         rows_out,
         row0,
         targets.shape[0],
-        v,
+        logits.shape[1],
         ignore_index,
         COMPUTE_GRAD=compute_grad,
         GRAD_SCALE=grad_scale,
@@ -236,20 +237,14 @@ def _cross_entropy_rows(
     _backend.record("cross_entropy_fwd_bwd")
 
 
-def _finish(
-    rows_out: torch.Tensor, n: int, grad_scale: float, need_scale: bool
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """(loss, grad_scale, ok): 0-dim fp32, from the row kernel's outputs in one launch.
-
-    ``rows_out``: (3N + 3,) fp32 (see _cross_entropy_finish_kernel); grad_scale and ok are views of the two
-    elements after the rows (grad_scale only when ``need_scale``, else None). The loss is a tensor of its own when
-    ``need_scale`` (an autograd.Function's output must not be a view: in-place ops on it are refused), else a
-    view of the third (one allocation fewer; no autograd without gradients). ``grad_scale``: _GRAD_SCALE's.
-    """
-    loss = torch.empty((), dtype=torch.float32, device=rows_out.device) if need_scale else rows_out[3 * n + 2]
+def _finish(rows_out: torch.Tensor, n: int, grad_scale: float, loss: torch.Tensor) -> None:
+    """Launch the finishing kernel: ``loss`` (0-dim fp32) and the two scalars after the rows of ``rows_out``
+    ((3N + 3,) fp32, see _cross_entropy_finish_kernel), grad_scale at 3N and ok at 3N + 1, from the row kernel's
+    outputs. The loss is a tensor of its own when gradients are asked (an autograd.Function's output must not be
+    a view: in-place ops on it are refused), else the view ``rows_out[3N + 2]`` (one allocation fewer).
+    ``grad_scale``: _GRAD_SCALE's."""
     _cross_entropy_finish_kernel[(1,)](rows_out, n, loss, GRAD_SCALE=grad_scale, BLOCK=1024)
     _backend.record("cross_entropy_finish")
-    return loss, rows_out[3 * n] if need_scale else None, rows_out[3 * n + 1]
 
 
 def _matmul_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
@@ -282,11 +277,12 @@ def _linear_cross_entropy_loss(
     dev = hidden.device
     rows_out = torch.empty(3 * n + 3, dtype=torch.float32, device=dev)
     logits = torch.empty_strided((n, v), (padded, 1), dtype=hidden.dtype, device=dev)
+    loss = rows_out[3 * n + 2]
     with device_guard(hidden):
         F.linear(hidden, weight, out=logits)  # (N, V)
-        _cross_entropy_rows(logits, targets, rows_out, 0, ignore_index, False, launch)
-        loss, _, ok = _finish(rows_out, n, launch[2], False)
-    torch._assert_async(ok, message)
+        _cross_entropy_rows(logits, padded, targets, rows_out, 0, n, ignore_index, False, launch)
+        _finish(rows_out, n, launch[2], loss)
+    torch._assert_async(rows_out[3 * n + 1], message)
     return loss
 
 
@@ -343,7 +339,9 @@ def _linear_cross_entropy_fwd(
             h = hidden if one_chunk else hidden[start:end]
             logits = logits_buf if one_chunk else logits_buf[: end - start]
             F.linear(h, weight, out=logits)  # (M, V)
-            _cross_entropy_rows(logits, targets, rows_out, start, ignore_index, compute_grad, launch)
+            _cross_entropy_rows(
+                logits, padded, targets, rows_out, start, end - start, ignore_index, compute_grad, launch
+            )
             if need_grad_hidden:
                 gh = grad_hidden if one_chunk else grad_hidden[start:end]
                 if grad_dtype == hidden.dtype:
@@ -354,7 +352,9 @@ def _linear_cross_entropy_fwd(
                 _matmul_fp32(logits.t(), h, acc, accumulate=start > 0)  # (V, C)
 
         # The mean loss (0 / 0 = nan when every target is ignored, as in PyTorch) and the gradients' factor.
-        loss, grad_scale, ok = _finish(rows_out, n, launch[2], compute_grad)
+        loss = torch.empty((), dtype=torch.float32, device=dev) if compute_grad else rows_out[3 * n + 2]
+        _finish(rows_out, n, launch[2], loss)
+    grad_scale, ok = (rows_out[3 * n] if compute_grad else None), rows_out[3 * n + 1]
     # Checked on the device, so no host sync: on CUDA a bad target is a device-side assert (as in
     # F.cross_entropy), reported at the next synchronising call; on the CPU it raises here.
     torch._assert_async(ok, message)
