@@ -704,11 +704,13 @@ _CONFIGS = {
 # choice is spill-free with Triton 3.6 (aot_check --full, sm_80 and sm_90), which honours maxnreg as 3.9 does.
 _PTXAS_CHOOSES_REGISTERS = {
     ("fwd", (128, 64, 8, 3)): 64,
-    ("fwd", (128, 32, 8, 3)): 0,
+    # Triton 3.7 uncapped spills 16 B at D <= 16 (sm_80, aot_check --full); 3.6, 3.8 and 3.9 do not.
+    ("fwd", (128, 32, 8, 3)): 16 if TRITON_VERSION[:2] == (3, 7) else 0,
     ("fwd", (64, 64, 4, 3)): 32,
     ("dq", (64, 64, 4, 3)): 0,
     # With the 8-bit dropout RNG at D = 64 with dropout (sm_90), Triton 3.9 spills 16 B at 255 registers and none
-    # uncapped, Triton 3.6 the other way round (8 B uncapped): the cap depends on the version (3.7/3.8 unchecked).
+    # uncapped, Triton 3.6 the other way round (8 B uncapped): the cap depends on the version. 3.7 and 3.8 take
+    # 3.9's choice spill-free (aot_check --full with each).
     ("dkdv", (16, 16, 4, 2)): 64 if TRITON_VERSION <= (3, 6) else 32,
 }
 _SMALL_PROBLEM = 256 * 256  # Tq * Tk up to this: the smallest tile, without benchmarking
