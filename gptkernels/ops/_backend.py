@@ -82,7 +82,7 @@ def device_type(device: torch.device) -> str:
 
 def why_not_triton(device: torch.device) -> str | None:
     """The reason the Triton kernels cannot run on ``device``, or None when they can."""
-    kind = _DEVICE_TYPES.get(device) or device_type(device)
+    kind = device_type(device)
     if not triton_available():
         return "triton is not installed (it installs on Linux x86-64)"
     if kind == "cuda":

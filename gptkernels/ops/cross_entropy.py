@@ -190,7 +190,7 @@ def _plan(
     """Everything the launches need that depends only on the shapes, once per shape (each lookup and call on the
     host costs a fraction of a microsecond, and a call's whole host budget is a few): (rows per chunk, the logits
     buffer's row stride, the row kernel's (BLOCK, num_warps, GRAD_SCALE), the message of the target check)."""
-    elem_size = torch.empty((), dtype=dtype).element_size()
+    elem_size = dtype.itemsize
     block, num_warps = row_launch(min(v, _MAX_BLOCK), elem_size)
     message = f"linear_cross_entropy: targets must be in [0, {v}) or equal ignore_index={ignore_index}"
     launch = block, num_warps, _GRAD_SCALE.get(dtype, 1.0)
@@ -385,11 +385,11 @@ def _linear_cross_entropy_fwd_outputs(
     )
     grad_hidden = hidden.new_empty(0) if grad_hidden is None else grad_hidden
     grad_weight = weight.new_empty(0) if grad_weight is None else grad_weight
+    # Without gradients the loss is a view into the row outputs' buffer, with them grad_scale is: a custom op
+    # returns tensors of their own (with the metadata its fake implementation gives).
     if grad_scale is None:  # no gradient asked: the backward never reads it (zero: outputs are deterministic)
-        grad_scale = hidden.new_zeros((), dtype=torch.float32)
-    # The scalars may be views into the row outputs' buffer; a custom op returns tensors of their own (with the
-    # metadata its fake implementation gives).
-    return loss.clone(), grad_hidden, grad_weight, grad_scale.clone()
+        return loss.clone(), grad_hidden, grad_weight, hidden.new_zeros((), dtype=torch.float32)
+    return loss, grad_hidden, grad_weight, grad_scale.clone()
 
 
 def _fwd_without_autocast(*args):
