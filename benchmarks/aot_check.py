@@ -78,7 +78,22 @@ def attention_cases(full: bool) -> list[dict]:
     for dkdv's fp32 tile and D = 32 for the forward's 64 x 64, each that tile only: a case's ``only`` works as
     ``--only``; D = 64 for 128 x 64, above; fp32 at D = 64 and 128 are the dkdv tile's uncapped keys).
     ``full`` covers every head size, dtype and length.
+
+    Each training case runs the backward twice: as by default (the 5-matmul backward, whose dk/dv kernel adds dQ
+    atomically) and under ``torch.use_deterministic_algorithms`` (the dq kernel, then dk/dv without the atomics):
+    ``deterministic=True``, a copy of each training case but the forward-only ones.
     """
+    cases = _attention_cases_once(full)
+    return [*cases, *(c | {"deterministic": True} for c in cases if _deterministic_copy(c))]
+
+
+def _deterministic_copy(case: dict) -> bool:
+    """Whether an attention case has a backward that the deterministic copy compiles differently."""
+    only = case.get("only") or ["dkdv", "dq"]
+    return case["op"] == "attention" and case["Tq"] > 1 and any("dkdv" in o or "dq" in o for o in only)
+
+
+def _attention_cases_once(full: bool) -> list[dict]:
     if not full:
         return [
             dict(op="attention", dtype="float16", D=128, Tq=1024, Tk=1024, dropout=True),
@@ -142,6 +157,7 @@ def bench_cases() -> list[dict]:
     """The keys of the benchmark suite's Triton cases (bf16, benchmarks/test_*.py): the GPU check compiles them
     here in parallel first, so that the benchmarks find them in Triton's cache instead of compiling serially."""
     cases = [dict(op="attention", dtype="bfloat16", D=64, Tq=1024, Tk=1024, dropout=p) for p in (False, True)]
+    cases += [c | {"deterministic": True} for c in cases]  # the gptkernels_deterministic provider's backward
     for n in (768, 1024, 1600, 4096):
         for residual in (False, True):
             cases.append(dict(op="layer_norm", dtype="bfloat16", N=n, M=16384, residual=residual, bias=True))
@@ -384,7 +400,12 @@ def _run_case(case: dict) -> None:
         v = heads(case["Tk"]).requires_grad_(case["Tq"] > 1)
         o = ops.attention(q, k, v, causal=True, dropout_p=0.1 if case["dropout"] else 0.0, backend="triton")
         if case["Tq"] > 1:
-            o.backward(torch.ones_like(o))
+            before = torch.are_deterministic_algorithms_enabled()
+            torch.use_deterministic_algorithms(case.get("deterministic", False))
+            try:
+                o.backward(torch.ones_like(o))
+            finally:
+                torch.use_deterministic_algorithms(before)
     elif op == "attention_dropout_mask":
         ops.attention_dropout_mask(1234, 1, 2, case["Tq"], case["Tk"], 0.1, "cpu")
     elif op == "layer_norm":

@@ -5,11 +5,17 @@ the materialising PyTorch reference eager and compiled (those two only up to T=2
 scores take minutes and tens of GB). The fwd case runs with gradients enabled (a training forward, which also
 saves what the backward needs), so that bwd = (fwd+bwd) - fwd compares like with like.
 
+Provider ``gptkernels_deterministic`` (fwd+bwd, D=64, T=1024 and 4096) runs the kernel under
+``torch.use_deterministic_algorithms``: the 7-matmul backward (a dq kernel that recomputes P) instead of the
+default 5-matmul one with atomic dQ, which is how to tell which is faster on a given GPU.
+
 Roofline figure: TFLOP/s with causal FLOPs = half of 4*B*H*T^2*D for the forward, 2.5x that for the backward.
 The issue's targets: fwd >= 1.0x SDPA flash and bwd >= 0.8x for T=1024..8192 at D=64.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -41,8 +47,21 @@ def _sdpa_flash(q, k, v, dropout_p):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
 
 
+@contextlib.contextmanager
+def _deterministic():
+    before, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
 def _impl(provider: str):
-    if provider == "gptkernels":
+    if provider in ("gptkernels", "gptkernels_deterministic"):
         return _kernel
     if provider == "sdpa_flash":
         return _sdpa_flash
@@ -61,6 +80,8 @@ def _cases():
                     providers = ["gptkernels", "sdpa_flash"]
                     if t <= MATERIALISED_MAX_T:
                         providers += ["torch", "torch.compile"]
+                    if mode == "fwd+bwd" and d == 64 and t in (1024, 4096):
+                        providers.append("gptkernels_deterministic")
                     group = f"attention {mode} T={t} D={d} dropout={p}"
                     for provider in providers:
                         yield pytest.param(
@@ -99,11 +120,13 @@ def bench_cost(params: dict) -> float:
 def bench_warmup(params: dict) -> list[tuple[str, float]]:
     """The Triton kernels compile once per (mode, D, dropout) (cached on disk by the GPU check's precompile
     phase, so mostly loading) and autotune once per length bucket (each surviving config timed once)."""
-    if params["provider"] != "gptkernels":
+    if not params["provider"].startswith("gptkernels"):
         return []
     mode, d, p, t = params["mode"], params["d"], params["p"], params["t"]
     train = mode == "fwd+bwd"
     compile_s, tune_s = (6.0, 2.0) if train else (2.0, 1.0)
+    if params["provider"] == "gptkernels_deterministic":  # the forward is shared; the dq and dk/dv kernels are not
+        mode = "deterministic"
     return [(f"attention-compile-{mode}-{d}-{p}", compile_s), (f"attention-tune-{mode}-{d}-{p}-{t}", tune_s)]
 
 
@@ -118,6 +141,12 @@ def test_attention(benchmark, cuda_env, cuda_device, mode, t, d, p, provider):
 
         def fn():
             fn_op(q, k, v, p)
+
+    elif provider == "gptkernels_deterministic":
+
+        def fn():
+            with _deterministic():
+                torch.autograd.grad(fn_op(q, k, v, p), (q, k, v), do)
 
     else:
 

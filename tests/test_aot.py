@@ -137,7 +137,8 @@ def test_attention_register_cap_follows_the_head_size():
     configs = _configs("dkdv")
     listed = [c.maxnreg for c in configs]
     prune = _prune_tiles("dkdv")["early_config_prune"]
-    (kept,) = prune(configs, {"Q": torch.empty(1)}, BLOCK_D=128, DROPOUT=True, T_Q_BUCKET=1024, T_K_BUCKET=1024)
+    big = dict(BLOCK_D=128, DROPOUT=True, T_Q_BUCKET=1024, T_K_BUCKET=1024, ATOMIC_DQ=False)
+    (kept,) = prune(configs, {"Q": torch.empty(1)}, **big)
     assert kept.maxnreg is None and [c.maxnreg for c in configs] == listed and 255 in listed
 
 

@@ -101,7 +101,37 @@ def _check_kernel(inputs, dtype, **kwargs):
 def test_attention_matches_oracle(shape, causal, dtype, device):
     _skip_bf16_on_cpu(dtype, device)
     c = _check_kernel(_qkv(*shape, dtype, device), dtype, causal=causal)
-    assert c["attention_fwd"] == 1 and c["attention_bwd"] == 1, dict(c)
+    # The default backward: FlashAttention-2's 5 matmuls, dQ added atomically by the dk/dv kernel.
+    assert c["attention_fwd"] == 1 and c["attention_bwd"] == 1 and c["attention_bwd_atomic_dq"] == 1, dict(c)
+
+
+@pytest.fixture
+def deterministic():
+    """``torch.use_deterministic_algorithms(True)`` for one test (warn_only: the oracle's CUDA matmuls would
+    otherwise want CUBLAS_WORKSPACE_CONFIG)."""
+    before, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_deterministic_backward_matches_oracle(shape, dtype, device, deterministic):
+    """Under torch.use_deterministic_algorithms the 7-matmul backward runs (a dq kernel that recomputes P, no
+    atomics) and gives the same gradients twice, bit for bit."""
+    _skip_bf16_on_cpu(dtype, device)
+    inputs = _qkv(*shape, dtype, device)
+    c = _check_kernel(inputs, dtype, causal=True)
+    assert c["attention_fwd"] == 1 and c["attention_bwd"] == 1 and c["attention_bwd_atomic_dq"] == 0, dict(c)
+    grad = torch.randn(inputs[0].shape, device=device).to(dtype)
+    fn = lambda q, k, v: ops.attention(q, k, v, causal=True, backend="triton")  # noqa: E731
+    first, second = _run(fn, inputs, grad)[1], _run(fn, inputs, grad)[1]
+    for name, a, b in zip(("dq", "dk", "dv"), first, second):
+        assert torch.equal(a, b), name
 
 
 def test_scale_reaches_the_kernel(device):
@@ -257,8 +287,11 @@ def test_dropout_zero_is_the_no_dropout_path(device):
 @pytest.mark.parametrize(
     "shape, causal", [((2, 3, 37, 37, 8), True), ((1, 2, 5, 40, 64), True), ((1, 2, 33, 20, 16), False)], ids=str
 )
-def test_dropout_matches_reference_under_the_kernels_mask(shape, causal, dtype, device):
+@pytest.mark.parametrize("deterministic_bwd", [False, True], ids=["atomic_dq", "deterministic"])
+def test_dropout_matches_reference_under_the_kernels_mask(shape, causal, dtype, deterministic_bwd, device, request):
     _skip_bf16_on_cpu(dtype, device)
+    if deterministic_bwd:
+        request.getfixturevalue("deterministic")
     B, H, Tq, Tk, D = shape
     p = 0.3
     torch.manual_seed(7)
@@ -277,6 +310,7 @@ def test_dropout_matches_reference_under_the_kernels_mask(shape, causal, dtype, 
             dtype,
         )
     assert c["attention_fwd"] == 1 and c["attention_bwd"] == 1, dict(c)
+    assert c["attention_bwd_atomic_dq"] == (0 if deterministic_bwd else 1), dict(c)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -380,7 +414,12 @@ def test_autotune_prune_rules():
         (only,) = prune(_configs("fwd"), {"Q": q}, T_Q_BUCKET=tq, T_K_BUCKET=tk, **d64)
         assert area(only) == min(area(c) for c in fitting("fwd", q.dtype == torch.float32))
     dkdv = _prune_tiles("dkdv")["early_config_prune"]
-    assert dkdv(_configs("dkdv"), {"Q": bf16}, T_Q_BUCKET=2048, T_K_BUCKET=2048, **d64) == fitting("dkdv")
+    long = dict(T_Q_BUCKET=2048, T_K_BUCKET=2048, **d64)
+    assert dkdv(_configs("dkdv"), {"Q": bf16}, ATOMIC_DQ=False, **long) == fitting("dkdv")
+    # The atomic-dQ variant is the same kernel and autotuner (ATOMIC_DQ is in the key) with limits of its own.
+    assert [c.kwargs for c in _configs("dkdv_dq")] == [c.kwargs for c in _configs("dkdv")]
+    atomic = dkdv(_configs("dkdv"), {"Q": bf16}, ATOMIC_DQ=True, **long)
+    assert [(c.kwargs, c.maxnreg) for c in atomic] == [(c.kwargs, c.maxnreg) for c in fitting("dkdv_dq")]
 
 
 def test_autotune_keeps_configs_that_fit():
@@ -392,11 +431,14 @@ def test_autotune_keeps_configs_that_fit():
         return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs}
 
     for kernel in _CONFIGS:
+        fp32 = kernel != "dkdv_dq"  # fp32 never takes the atomic dQ (attention_bwd)
         for d in (8, 16, 24, 32, 64, 80, 96, 128):
-            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            for dtype in (torch.float16, torch.bfloat16) + ((torch.float32,) if fp32 else ()):
                 for dropout in (False, True):
                     assert selectable_configs(kernel, d, dtype, dropout), (kernel, d, dtype, dropout)
-        assert len(shapes(selectable_configs(kernel, 128, torch.float32, True))) == 1  # fp32: one config
+        if fp32:
+            assert len(shapes(selectable_configs(kernel, 128, torch.float32, True))) == 1  # fp32: one config
+    assert not selectable_configs("dkdv_dq", 64, torch.float32, False)
     # Measured on sm_90 (Triton 3.9): these spill at D = 128 with dropout.
     assert not shapes(selectable_configs("fwd", 128, torch.float16, True)) & {(128, 64, 8, 3), (128, 128, 8, 2)}
     assert not shapes(selectable_configs("dkdv", 128, torch.bfloat16, True)) & {(64, 64, 8, 3), (32, 128, 8, 3)}
@@ -485,15 +527,20 @@ def test_int32_offsets_check_every_input():
     assert "T * D" in attn._kernel_cannot_take(meta(2**27, 16, 0), meta(2**27, 16, 0), meta(2**27, 16, 0))
 
 
-def test_backward_copies_a_gradient_that_overflows_int32(monkeypatch):
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])
+def test_backward_copies_a_gradient_that_overflows_int32(deterministic, monkeypatch):
     attn = _attention_module()
     launched = {}
     monkeypatch.setattr(attn, "_launch", lambda kernel, which, n, bh, args, meta: launched.setdefault(which, args))
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: deterministic)
     q, k, v = (torch.empty(1, 2, 4, 8, device="meta") for _ in range(3))
     do = torch.empty_strided((1, 2, 4, 8), (0, 0, 2**30, 1), device="meta")
     o, lse = torch.empty_like(q), torch.empty(1, 2, 4, device="meta")
     attn.attention_bwd(do, q, k, v, o, lse, None, True, 0.0, 0.5)
-    for which, position in (("dq", 4), ("dkdv", 3)):  # dO's place in each kernel's arguments
+    # dO's place in each kernel's arguments: the dq kernel (deterministic) or the pre-pass (atomic dQ) reads it first
+    first = ("dq", 4) if deterministic else ("prep", 1)
+    assert set(launched) == {first[0], "dkdv"}, launched.keys()
+    for which, position in (first, ("dkdv", 3)):
         passed = launched[which][position]
         assert passed.shape == do.shape and attn._span(passed) < 2**31, (which, passed.stride())
 

@@ -508,6 +508,9 @@ def _attn_bwd_dkdv_inner(
     CHECK_M: tl.constexpr,  # bound-check the query rows (last tile, or the diagonal)
     MASK: tl.constexpr,  # apply the causal mask
     DROPOUT: tl.constexpr,
+    dq_base, sm_scale,  # this head's fp32 dQ accumulator, (T_Q, BLOCK_D) contiguous; read if ATOMIC_DQ
+    BLOCK_D: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,  # also add scale * dS K of each query tile to it (FlashAttention-2's 5 matmuls)
 ):
     offs_m0 = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
@@ -536,14 +539,23 @@ def _attn_bwd_dkdv_inner(
         else:
             pzt = pt
         dv = tl.dot(pzt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+        dk = tl.dot(dst, q, dk, input_precision=DOT_PRECISION)
+        if ATOMIC_DQ:
+            # This key tile's share of dQ for the query tile: the dq kernel would recompute P and dP for it (two
+            # more matmuls). Rows past T_Q carry dS = 0 (above); the additions race only with other key tiles.
+            dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PRECISION) * sm_scale
+            dq_ptrs = dq_base + offs_m[:, None] * BLOCK_D + offs_d[None, :]
+            if CHECK_M:
+                tl.atomic_add(dq_ptrs, dq, mask=offs_m[:, None] < T_Q, sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, SEED,
+    Q, K, V, DO, DK, DV, DQ, LSE, DELTA, SEED,  # DQ: (B, H, T_Q, BLOCK_D) fp32 zeros, read if ATOMIC_DQ
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -554,10 +566,11 @@ def _attn_bwd_dkdv_kernel(
     sm_scale, qk_scale, dropout_p,
     T_Q_BUCKET, T_K_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_PAD: tl.constexpr,
-    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dV = (P * Z)^T dO and dK = scale * dS^T Q for one key tile, looping over the query tiles that see it.
+    """dV = (P * Z)^T dO and dK = scale * dS^T Q for one key tile, looping over the query tiles that see it;
+    with ATOMIC_DQ also dQ += scale * dS K for each of those query tiles (atomic fp32 additions into DQ).
 
     Z is the dropout mask / (1 - p) (all ones without dropout). Keys past T_K are computed but never stored.
     """
@@ -568,6 +581,7 @@ def _attn_bwd_dkdv_kernel(
     do_base = DO + b * stride_dob + h * stride_doh
     lse_base = LSE + bh.to(tl.int64) * T_Q
     delta_base = DELTA + bh.to(tl.int64) * T_Q
+    dq_base = DQ + bh.to(tl.int64) * T_Q * BLOCK_D
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -595,6 +609,7 @@ def _attn_bwd_dkdv_kernel(
             start_n, offs_n, offs_d, lo, tl.minimum(mid, T_Q),
             T_Q, T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,
             HEAD_DIM, HEAD_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION, True, True, DROPOUT,
+            dq_base, sm_scale, BLOCK_D, ATOMIC_DQ,
         )
     else:
         mid = 0
@@ -603,6 +618,7 @@ def _attn_bwd_dkdv_kernel(
         dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qd, stride_dot, stride_dod,
         start_n, offs_n, offs_d, mid, full_q_end, T_Q, T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,
         HEAD_DIM, HEAD_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION, False, False, DROPOUT,
+        dq_base, sm_scale, BLOCK_D, ATOMIC_DQ,
     )
     # ...then the last, partial query tile (if the masked loop has not covered it).
     dk, dv = _attn_bwd_dkdv_inner(
@@ -610,6 +626,7 @@ def _attn_bwd_dkdv_kernel(
         start_n, offs_n, offs_d, tl.maximum(mid, full_q_end), T_Q,
         T_Q, T_K, shift, qk_scale, seed, bh, dropout_p, keep_scale,
         HEAD_DIM, HEAD_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION, True, False, DROPOUT,
+        dq_base, sm_scale, BLOCK_D, ATOMIC_DQ,
     )
 
     dk = dk * sm_scale
@@ -625,6 +642,33 @@ def _attn_bwd_dkdv_kernel(
     else:
         tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=row_ok)
         tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_prep_kernel(
+    O, DO, DELTA, DQ,  # DELTA: (B, H, T_Q) fp32; DQ: (B, H, T_Q, BLOCK_D) fp32, zeroed here if ZERO_DQ
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    H, T_Q,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_PAD: tl.constexpr, ZERO_DQ: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """delta = rowsum(dO * O) of one query tile (which the dq kernel computes for itself), and the zeros that the
+    dk/dv kernel's atomic dQ starts from."""
+    start_m, bh = _program_tile(T_Q, BLOCK_M, False)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_tile(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+                   offs_m, T_Q, offs_d, HEAD_DIM, True, HEAD_PAD)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                    offs_m, T_Q, offs_d, HEAD_DIM, True, HEAD_PAD)
+    row_ok = offs_m < T_Q
+    tl.store(DELTA + bh.to(tl.int64) * T_Q + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=row_ok)
+    if ZERO_DQ:
+        dq_ptrs = DQ + (bh.to(tl.int64) * T_Q + offs_m[:, None]) * BLOCK_D + offs_d[None, :]
+        tl.store(dq_ptrs, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -688,6 +732,18 @@ _CONFIGS = {
         (16, 32, 4, 2): (128, 128, 0),
         (16, 16, 4, 2): (0, 0, 128),  # fp32
     },
+    # The dk/dv kernel with the 5-matmul backward's atomic dQ (ATOMIC_DQ): the same tiles, with the (BLOCK_M,
+    # BLOCK_D) fp32 share of dQ of each query tile on top of dk and dv. 16-bit inputs only: fp32's tile spilled at
+    # D = 64 with dropout whatever the register cap (sm_90 16 B at 255, sm_80 8 B uncapped; Triton 3.9), and fp32
+    # is not a speed target, so fp32 takes the dq kernel (attention_bwd).
+    "dkdv_dq": {
+        (32, 128, 8, 3): (64, 64, 0),
+        (64, 64, 8, 3): (32, 0, 0),  # spills 16 B at D = 64 on sm_80 (bf16, capped or not)
+        (32, 64, 4, 3): (64, 32, 0),
+        (16, 64, 4, 2): (128, 32, 0),
+        (16, 32, 4, 2): (128, 128, 0),
+        (16, 16, 4, 2): (0, 0, 0),
+    },
     "split": {
         (16, 32, 4, 3): (128, 128, 0),
         (16, 64, 4, 3): (128, 128, 0),
@@ -712,6 +768,7 @@ _PTXAS_CHOOSES_REGISTERS = {
     # uncapped, Triton 3.6 the other way round (8 B uncapped): the cap depends on the version. 3.7 and 3.8 take
     # 3.9's choice spill-free (aot_check --full with each).
     ("dkdv", (16, 16, 4, 2)): 64 if TRITON_VERSION <= (3, 6) else 32,
+
 }
 _SMALL_PROBLEM = 256 * 256  # Tq * Tk up to this: the smallest tile, without benchmarking
 
@@ -767,29 +824,32 @@ def _prune_tiles(kernel: str):
     config for every shape. The kept configs carry the register cap of this head size (:func:`_with_registers`;
     the autotune key includes HEAD_DIM, so each head size is pruned on its own).
     """
-    bucket, block = ("T_K_BUCKET", "BLOCK_N") if kernel == "dkdv" else ("T_Q_BUCKET", "BLOCK_M")
+    bucket, block = ("T_K_BUCKET", "BLOCK_N") if kernel.startswith("dkdv") else ("T_Q_BUCKET", "BLOCK_M")
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
+        name = "dkdv_dq" if kernel == "dkdv" and args["ATOMIC_DQ"] else kernel  # the limits of this variant
         fp32 = args["Q"].dtype == torch.float32
-        fit = [c for c in configs if _fits(kernel, c, args["BLOCK_D"], args["DROPOUT"], fp32)]
+        fit = [c for c in configs if _fits(name, c, args["BLOCK_D"], args["DROPOUT"], fp32)]
         kept = [c for c in fit if c.kwargs[block] <= args[bucket]] or fit
         if fp32 or args["T_Q_BUCKET"] * args["T_K_BUCKET"] <= _SMALL_PROBLEM:
             kept = [min(kept, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-        return [_with_registers(kernel, c, args["BLOCK_D"]) for c in kept]
+        return [_with_registers(name, c, args["BLOCK_D"]) for c in kept]
 
     return {"early_config_prune": prune}
 
 
 def selectable_configs(kernel: str, head_dim: int, dtype: torch.dtype, dropout: bool) -> list:
-    """The configs of ``kernel`` ("fwd", "dq", "dkdv", "split") that the autotuner may pick for some lengths at
-    this head size, dtype and dropout: what an ahead-of-time compile check must compile."""
+    """The configs of ``kernel`` ("fwd", "dq", "dkdv", "dkdv_dq": dkdv with the atomic dQ, "split") that the
+    autotuner may pick for some lengths at this head size, dtype and dropout: what an ahead-of-time compile check
+    must compile."""
     prune = _prune_tiles(kernel)["early_config_prune"]
     q = torch.empty(0, dtype=dtype, device="meta")
     block_d = max(16, next_power_of_2(head_dim))
     picked = []
     for tq, tk in [(16, 16), (16, 2**20), (2**20, 2**20)] + [(2**i, 2**i) for i in range(4, 12)]:
-        for c in prune(_configs(kernel), {"Q": q}, BLOCK_D=block_d, DROPOUT=dropout, T_Q_BUCKET=tq, T_K_BUCKET=tk):
+        args = dict(BLOCK_D=block_d, DROPOUT=dropout, T_Q_BUCKET=tq, T_K_BUCKET=tk, ATOMIC_DQ=False)
+        for c in prune(_configs(kernel), {"Q": q}, **args):
             if c not in picked:
                 picked.append(c)
     return picked
@@ -811,9 +871,10 @@ else:
     _attn_bwd_dq = triton.autotune(_configs("dq"), key=_TUNE_KEY, prune_configs_by=_prune_tiles("dq"))(
         _attn_bwd_dq_kernel
     )
-    _attn_bwd_dkdv = triton.autotune(_configs("dkdv"), key=_TUNE_KEY, prune_configs_by=_prune_tiles("dkdv"))(
-        _attn_bwd_dkdv_kernel
-    )
+    # DQ accumulates: zeroed before each config's timing and once more after tuning, before the real launch.
+    _attn_bwd_dkdv = triton.autotune(
+        _configs("dkdv"), key=[*_TUNE_KEY, "ATOMIC_DQ"], prune_configs_by=_prune_tiles("dkdv"), reset_to_zero=["DQ"]
+    )(_attn_bwd_dkdv_kernel)
     _attn_fwd_split = triton.autotune(
         _configs("split"),
         key=["T_Q_BUCKET", "T_K_BUCKET", "HEAD_DIM", "DROPOUT"],
@@ -834,10 +895,10 @@ def _grid(n_rows: int, tile: int, bh: int) -> tuple[int]:
 
 def _launch(kernel, which: str, n_rows: int, bh: int, args: tuple, meta: dict, splits: int = 1) -> None:
     """Launch over (row tiles, batch*heads[, key splits]): fixed tiles in the interpreter, autotuned ones on the
-    GPU."""
+    GPU; a kernel with one tile of its own (``meta`` holds its BLOCK_M) the same everywhere."""
     extra = (splits,) if splits > 1 else ()
     with device_guard(args[0]):
-        if INTERPRETED:
+        if INTERPRETED and which in _INTERPRETER_TILES:
             block_m, block_n = _INTERPRETER_TILES[which]
             tile = block_m if which != "dkdv" else block_n
             kernel[(*_grid(n_rows, tile, bh), *extra)](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n)
@@ -846,6 +907,7 @@ def _launch(kernel, which: str, n_rows: int, bh: int, args: tuple, meta: dict, s
             kernel[lambda cfg: (*_grid(n_rows, cfg[row_block], bh), *extra)](*args, **meta)
 
 
+_PREP_ROWS = 64  # query rows per program of the backward's pre-pass
 _SPLIT_CHUNK = 128  # keys per split are a multiple of this, and so of every BLOCK_N of the split kernel
 _SPLIT_MAX_TQ = 16  # the split kernel's query tile: one tile of queries that all see every key
 _INTERPRETER_SMS = 8  # the interpreter pretends to be a small GPU, so that the tests take the split path
@@ -964,7 +1026,14 @@ def attention_bwd(
     dropout_p: float,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run the backward kernels (dq with delta = rowsum(dO * O), then dk/dv), recomputing P from ``lse``.
+    """Run the backward kernels, recomputing P from ``lse``.
+
+    For fp16 and bf16, FlashAttention-2's 5-matmul backward: a pre-pass computes delta = rowsum(dO * O) and
+    zeroes an fp32 dQ, then one kernel per key tile computes dK and dV and adds each query tile's share of dQ
+    atomically. The order of those fp32 additions varies from run to run, so under
+    ``torch.use_deterministic_algorithms(True)``, and for fp32 inputs (not a speed target; their tile has no
+    registers to spare), the 7-matmul backward runs instead: a dq kernel per query tile (recomputing P and dP),
+    then the dk/dv kernel.
 
     Args:
         do: (B, H, Tq, D) gradient of the output, any strides; q, k, v, seed, causal, dropout_p, scale as given
@@ -977,7 +1046,6 @@ def attention_bwd(
         do = do.contiguous()
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    dq = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, H, Tk, D), dtype=q.dtype, device=q.device)
     dv = torch.empty((B, H, Tk, D), dtype=q.dtype, device=q.device)
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
@@ -985,16 +1053,28 @@ def attention_bwd(
     seed = seed if seed is not None else lse
     meta = _meta(q, k, causal, dropout_p)
     scalars = (H, Tq, Tk, scale, scale * _LOG2E, dropout_rate(dropout_p))
-    dq_args = (
-        q, k, v, o, do, dq, lse, delta, seed,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(), *scalars,
-    )  # fmt: skip
-    _launch(_attn_bwd_dq, "dq", Tq, B * H, dq_args, meta)
+    atomic = q.dtype != torch.float32 and not torch.are_deterministic_algorithms_enabled()
+    if atomic:
+        dq_acc = torch.empty((B, H, Tq, meta["BLOCK_D"]), dtype=torch.float32, device=q.device)
+        prep_meta = dict(HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], HEAD_PAD=meta["HEAD_PAD"], ZERO_DQ=True)
+        prep_args = (o, do, delta, dq_acc, *o.stride(), *do.stride(), H, Tq)
+        _launch(_attn_bwd_prep_kernel, "prep", Tq, B * H, prep_args, prep_meta | {"BLOCK_M": _PREP_ROWS})
+    else:
+        dq = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
+        dq_acc = dk  # not read; the autotuner zeroes it while timing, and the kernel then writes it
+        dq_args = (
+            q, k, v, o, do, dq, lse, delta, seed,
+            *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(), *scalars,
+        )  # fmt: skip
+        _launch(_attn_bwd_dq, "dq", Tq, B * H, dq_args, meta)
     dkdv_args = (
-        q, k, v, do, dk, dv, lse, delta, seed,
+        q, k, v, do, dk, dv, dq_acc, lse, delta, seed,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *scalars,
     )  # fmt: skip
-    _launch(_attn_bwd_dkdv, "dkdv", Tk, B * H, dkdv_args, meta)
+    _launch(_attn_bwd_dkdv, "dkdv", Tk, B * H, dkdv_args, {**meta, "ATOMIC_DQ": atomic})
+    if atomic:
+        dq = dq_acc[..., :D].to(q.dtype).contiguous()  # fp32 at a power-of-two head size: dq_acc itself
+        _backend.record("attention_bwd_atomic_dq")
     _backend.record("attention_bwd")
     return dq, dk, dv
 
