@@ -105,6 +105,8 @@ def bench_priority(params: dict) -> int:
     if "compile" in provider:
         sample = params["t"] == 1024 and params["d"] == 64 and params["p"] == 0.0
         return harness.TIER_COMPILED_SAMPLE if sample else harness.TIER_COMPILED_REST
+    if provider == "gptkernels_deterministic":
+        return harness.TIER_COMPILED_SAMPLE  # right after the targets: it decides the backward's default
     if provider in ("gptkernels", "sdpa_flash") and params["d"] == 64 and params["t"] >= 1024:
         return harness.TIER_TARGET  # what the targets compare (T = 1024..8192, D = 64)
     return harness.TIER_REST

@@ -313,6 +313,30 @@ def test_dropout_matches_reference_under_the_kernels_mask(shape, causal, dtype, 
     assert c["attention_bwd_atomic_dq"] == (0 if deterministic_bwd else 1), dict(c)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels autotune on CUDA only")
+def test_cuda_autotuned_atomic_backward_matches_oracle():
+    """Past 256 x 256 scores the autotuner times every fitting dk/dv config, and each timed launch adds its dQ into
+    the same buffer: unless it is zeroed again before the real launch (reset_to_zero), dq comes out several times
+    too large. D = 48 makes an autotune key no other test has tuned."""
+    B, H, T, D, p = 1, 3, 300, 48, 0.1
+    torch.manual_seed(7)
+    mask = attention_dropout_mask(dropout_seed("cuda"), B, H, T, T, p, "cuda")
+
+    def kernel(q, k, v):
+        torch.manual_seed(7)  # attention draws the same seed
+        return ops.attention(q, k, v, causal=True, dropout_p=p, backend="triton")
+
+    with ops.count_launches() as c:
+        _check_against_oracle(
+            kernel,
+            lambda q, k, v: ops.attention_reference(q, k, v, causal=True, dropout_p=p, dropout_mask=mask),
+            _qkv(B, H, T, T, D, torch.float16, "cuda"),
+            torch.float16,
+        )
+    assert c["attention_bwd_atomic_dq"] == 1, dict(c)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Registration: opcheck and torch.compile
 # ---------------------------------------------------------------------------------------------------------
