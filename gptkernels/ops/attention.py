@@ -80,7 +80,8 @@ def attention_torch(q, k, v, causal: bool, dropout_p: float, scale: float | None
 # Triton kernels
 #
 # Layout: q (B, H, Tq, D), k and v (B, H, Tk, D) with any strides (the model passes transposed views); one
-# program per (query tile, batch*head) for the forward and dq, per (key tile, batch*head) for dk/dv. The head
+# program per (query tile, batch*head) for the forward, dq and the backward's pre-pass, per (key tile, batch*head)
+# for dk/dv (which by default also adds dQ atomically: the dq kernel runs only in deterministic mode). The head
 # dimension is padded to BLOCK_D = max(16, next_pow2(D)) with masked loads (tl.dot needs K >= 16 on GPU).
 # Scores live in log2 units: qk_scale = scale * log2(e), so the softmax uses exp2. The causal mask is aligned
 # to the end: query i sees key j <= i + (Tk - Tq). Each loop over tiles is split so that tiles needing no mask
@@ -768,7 +769,6 @@ _PTXAS_CHOOSES_REGISTERS = {
     # uncapped, Triton 3.6 the other way round (8 B uncapped): the cap depends on the version. 3.7 and 3.8 take
     # 3.9's choice spill-free (aot_check --full with each).
     ("dkdv", (16, 16, 4, 2)): 64 if TRITON_VERSION <= (3, 6) else 32,
-
 }
 _SMALL_PROBLEM = 256 * 256  # Tq * Tk up to this: the smallest tile, without benchmarking
 
@@ -832,7 +832,7 @@ def _prune_tiles(kernel: str):
         fp32 = args["Q"].dtype == torch.float32
         fit = [c for c in configs if _fits(name, c, args["BLOCK_D"], args["DROPOUT"], fp32)]
         kept = [c for c in fit if c.kwargs[block] <= args[bucket]] or fit
-        if fp32 or args["T_Q_BUCKET"] * args["T_K_BUCKET"] <= _SMALL_PROBLEM:
+        if kept and (fp32 or args["T_Q_BUCKET"] * args["T_K_BUCKET"] <= _SMALL_PROBLEM):  # none: dkdv_dq's fp32
             kept = [min(kept, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
         return [_with_registers(name, c, args["BLOCK_D"]) for c in kept]
 
