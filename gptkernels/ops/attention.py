@@ -428,6 +428,23 @@ def _attn_bwd_dq_inner(
 
 
 @triton.jit
+def _row_delta(
+    O, DO, DELTA, b, h, bh, offs_m, offs_d,  # b, h: int64 batch and head; bh: the batch*head index
+    stride_ob, stride_oh, stride_ot, stride_od, stride_dob, stride_doh, stride_dot, stride_dod,
+    T_Q, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+):
+    """Loads the query tile's dO and O and stores delta = rowsum(dO * O), the term dS = P * (dP - delta) needs;
+    returns (dO tile, delta)."""
+    do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                    offs_m, T_Q, offs_d, HEAD_DIM, True, HEAD_PAD)
+    o = _load_tile(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+                   offs_m, T_Q, offs_d, HEAD_DIM, True, HEAD_PAD)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * T_Q + offs_m, delta, mask=offs_m < T_Q)
+    return do, delta
+
+
+@triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, O, DO, DQ, LSE, DELTA, SEED,  # DELTA: (B, H, Tq) fp32, written here for the dk/dv kernel
     stride_qb, stride_qh, stride_qt, stride_qd,
@@ -457,13 +474,9 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
                    offs_m, T_Q, offs_d, HEAD_DIM, True, HEAD_PAD)
-    do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
-                    offs_m, T_Q, offs_d, HEAD_DIM, True, HEAD_PAD)
-    o = _load_tile(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
-                   offs_m, T_Q, offs_d, HEAD_DIM, True, HEAD_PAD)
+    do, delta = _row_delta(O, DO, DELTA, b, h, bh, offs_m, offs_d, stride_ob, stride_oh, stride_ot, stride_od,
+                           stride_dob, stride_doh, stride_dot, stride_dod, T_Q, HEAD_DIM, HEAD_PAD)
     row_ok = offs_m < T_Q
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * T_Q + offs_m, delta, mask=row_ok)
     # Padded rows get lse 0 and dO 0: their dS is 0, so they add nothing and produce no inf/NaN.
     lse = tl.load(LSE + bh.to(tl.int64) * T_Q + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
     if DROPOUT:
@@ -647,11 +660,11 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_prep_kernel(
-    O, DO, DELTA, DQ,  # DELTA: (B, H, T_Q) fp32; DQ: (B, H, T_Q, BLOCK_D) fp32, zeroed here if ZERO_DQ
+    O, DO, DELTA, DQ,  # DELTA: (B, H, T_Q) fp32; DQ: (B, H, T_Q, BLOCK_D) fp32, zeroed here
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_dob, stride_doh, stride_dot, stride_dod,
     H, T_Q,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_PAD: tl.constexpr, ZERO_DQ: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     """delta = rowsum(dO * O) of one query tile (which the dq kernel computes for itself), and the zeros that the
@@ -661,15 +674,10 @@ def _attn_bwd_prep_kernel(
     h = (bh % H).to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_tile(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
-                   offs_m, T_Q, offs_d, HEAD_DIM, True, HEAD_PAD)
-    do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
-                    offs_m, T_Q, offs_d, HEAD_DIM, True, HEAD_PAD)
-    row_ok = offs_m < T_Q
-    tl.store(DELTA + bh.to(tl.int64) * T_Q + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=row_ok)
-    if ZERO_DQ:
-        dq_ptrs = DQ + (bh.to(tl.int64) * T_Q + offs_m[:, None]) * BLOCK_D + offs_d[None, :]
-        tl.store(dq_ptrs, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), mask=row_ok[:, None])
+    _row_delta(O, DO, DELTA, b, h, bh, offs_m, offs_d, stride_ob, stride_oh, stride_ot, stride_od,
+               stride_dob, stride_doh, stride_dot, stride_dod, T_Q, HEAD_DIM, HEAD_PAD)
+    dq_ptrs = DQ + (bh.to(tl.int64) * T_Q + offs_m[:, None]) * BLOCK_D + offs_d[None, :]
+    tl.store(dq_ptrs, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), mask=(offs_m < T_Q)[:, None])
 
 
 @triton.jit
@@ -1057,7 +1065,7 @@ def attention_bwd(
     atomic = q.dtype != torch.float32 and not torch.are_deterministic_algorithms_enabled()
     if atomic:
         dq_acc = torch.empty((B, H, Tq, meta["BLOCK_D"]), dtype=torch.float32, device=q.device)
-        prep_meta = dict(HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], HEAD_PAD=meta["HEAD_PAD"], ZERO_DQ=True)
+        prep_meta = dict(HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], HEAD_PAD=meta["HEAD_PAD"])
         prep_args = (o, do, delta, dq_acc, *o.stride(), *do.stride(), H, Tq)
         _launch(_attn_bwd_prep_kernel, "prep", Tq, B * H, prep_args, prep_meta | {"BLOCK_M": _PREP_ROWS})
     else:
