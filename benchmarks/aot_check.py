@@ -89,8 +89,8 @@ def attention_cases(full: bool) -> list[dict]:
 
 def _deterministic_copy(case: dict) -> bool:
     """Whether an attention case has a backward that the deterministic copy compiles differently."""
-    only = case.get("only") or ["dkdv", "dq"]
-    return case["op"] == "attention" and case["Tq"] > 1 and any("dkdv" in o or "dq" in o for o in only)
+    only = case.get("only")
+    return case["op"] == "attention" and case["Tq"] > 1 and (not only or any("dkdv" in o or "dq" in o for o in only))
 
 
 def _attention_cases_once(full: bool) -> list[dict]:
@@ -385,6 +385,7 @@ def _run_case(case: dict) -> None:
 
     import torch
 
+    from benchmarks import harness
     from gptkernels import ops
 
     op = case["op"]
@@ -400,12 +401,8 @@ def _run_case(case: dict) -> None:
         v = heads(case["Tk"]).requires_grad_(case["Tq"] > 1)
         o = ops.attention(q, k, v, causal=True, dropout_p=0.1 if case["dropout"] else 0.0, backend="triton")
         if case["Tq"] > 1:
-            before = torch.are_deterministic_algorithms_enabled()
-            torch.use_deterministic_algorithms(case.get("deterministic", False))
-            try:
+            with harness.deterministic_algorithms(case.get("deterministic", False)):
                 o.backward(torch.ones_like(o))
-            finally:
-                torch.use_deterministic_algorithms(before)
     elif op == "attention_dropout_mask":
         ops.attention_dropout_mask(1234, 1, 2, case["Tq"], case["Tk"], 0.1, "cpu")
     elif op == "layer_norm":

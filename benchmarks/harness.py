@@ -17,6 +17,7 @@ CUDA cases also carry the ceilings measured in the same run (``ceiling_gbps``, `
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
@@ -373,6 +374,22 @@ def warm_up_and_check(benchmark: Any, fn: Callable[[], Any], provider: str) -> N
     if provider.startswith("gptkernels"):
         assert sum(launches.values()) > 0, f"the {provider} provider ran no Triton kernel"
         benchmark.extra_info["kernel_launches"] = bench_launches(launches)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True):
+    """``torch.use_deterministic_algorithms(enabled)`` inside the block, the previous setting after it. warn_only,
+    so that PyTorch's own CUDA matmuls (the references) do not demand CUBLAS_WORKSPACE_CONFIG; the attention
+    backward reads only whether the mode is on, and then runs its 7-matmul kernels."""
+    before, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
 def env_flag(name: str) -> bool:

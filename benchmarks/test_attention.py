@@ -15,8 +15,6 @@ The issue's targets: fwd >= 1.0x SDPA flash and bwd >= 0.8x for T=1024..8192 at 
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,19 +43,6 @@ def _sdpa_flash(q, k, v, dropout_p):
 
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-
-
-@contextlib.contextmanager
-def _deterministic():
-    before, warn_only = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-    )
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
 def _impl(provider: str):
@@ -147,7 +132,7 @@ def test_attention(benchmark, cuda_env, cuda_device, mode, t, d, p, provider):
     elif provider == "gptkernels_deterministic":
 
         def fn():
-            with _deterministic():
+            with harness.deterministic_algorithms():
                 torch.autograd.grad(fn_op(q, k, v, p), (q, k, v), do)
 
     else:

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+from benchmarks import harness
 from gptkernels import ops
 from gptkernels.ops._triton import tl, triton
 from gptkernels.ops.attention import (
@@ -109,15 +110,9 @@ def test_attention_matches_oracle(shape, causal, dtype, device):
 
 @pytest.fixture
 def deterministic():
-    """``torch.use_deterministic_algorithms(True)`` for one test (warn_only: the oracle's CUDA matmuls would
-    otherwise want CUBLAS_WORKSPACE_CONFIG)."""
-    before, warn_only = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-    )
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    yield
-    torch.use_deterministic_algorithms(before, warn_only=warn_only)
+    """``torch.use_deterministic_algorithms(True)`` for one test."""
+    with harness.deterministic_algorithms():
+        yield
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -285,20 +280,12 @@ def test_dropout_zero_is_the_no_dropout_path(device):
     torch.testing.assert_close(out, ops.attention_reference(q, k, v))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize(
-    "shape, causal", [((2, 3, 37, 37, 8), True), ((1, 2, 5, 40, 64), True), ((1, 2, 33, 20, 16), False)], ids=str
-)
-@pytest.mark.parametrize("deterministic_bwd", [False, True], ids=["atomic_dq", "deterministic"])
-def test_dropout_matches_reference_under_the_kernels_mask(shape, causal, dtype, deterministic_bwd, device, request):
-    _skip_bf16_on_cpu(dtype, device)
-    if deterministic_bwd:
-        request.getfixturevalue("deterministic")
+def _check_dropout(shape, causal, p, dtype, device):
+    """``ops.attention`` with dropout ``p`` on the Triton path against the reference under the kernel's own mask
+    (and the float64 oracle); returns the launches."""
     B, H, Tq, Tk, D = shape
-    p = 0.3
     torch.manual_seed(7)
-    seed = dropout_seed(device)
-    mask = attention_dropout_mask(seed, B, H, Tq, Tk, p, device)
+    mask = attention_dropout_mask(dropout_seed(device), B, H, Tq, Tk, p, device)
 
     def kernel(q, k, v):
         torch.manual_seed(7)  # attention draws the same seed
@@ -311,6 +298,19 @@ def test_dropout_matches_reference_under_the_kernels_mask(shape, causal, dtype, 
             _qkv(B, H, Tq, Tk, D, dtype, device),
             dtype,
         )
+    return c
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "shape, causal", [((2, 3, 37, 37, 8), True), ((1, 2, 5, 40, 64), True), ((1, 2, 33, 20, 16), False)], ids=str
+)
+@pytest.mark.parametrize("deterministic_bwd", [False, True], ids=["atomic_dq", "deterministic"])
+def test_dropout_matches_reference_under_the_kernels_mask(shape, causal, dtype, deterministic_bwd, device, request):
+    _skip_bf16_on_cpu(dtype, device)
+    if deterministic_bwd:
+        request.getfixturevalue("deterministic")
+    c = _check_dropout(shape, causal, 0.3, dtype, device)
     assert c["attention_fwd"] == 1 and c["attention_bwd"] == 1, dict(c)
     assert c["attention_bwd_atomic_dq"] == (dtype != torch.float32 and not deterministic_bwd), dict(c)
 
@@ -321,21 +321,7 @@ def test_cuda_autotuned_atomic_backward_matches_oracle():
     """Past 256 x 256 scores the autotuner times every fitting dk/dv config, and each timed launch adds its dQ into
     the same buffer: unless it is zeroed again before the real launch (reset_to_zero), dq comes out several times
     too large. D = 48 makes an autotune key no other test has tuned."""
-    B, H, T, D, p = 1, 3, 300, 48, 0.1
-    torch.manual_seed(7)
-    mask = attention_dropout_mask(dropout_seed("cuda"), B, H, T, T, p, "cuda")
-
-    def kernel(q, k, v):
-        torch.manual_seed(7)  # attention draws the same seed
-        return ops.attention(q, k, v, causal=True, dropout_p=p, backend="triton")
-
-    with ops.count_launches() as c:
-        _check_against_oracle(
-            kernel,
-            lambda q, k, v: ops.attention_reference(q, k, v, causal=True, dropout_p=p, dropout_mask=mask),
-            _qkv(B, H, T, T, D, torch.float16, "cuda"),
-            torch.float16,
-        )
+    c = _check_dropout((1, 3, 300, 300, 48), True, 0.1, torch.float16, "cuda")
     assert c["attention_bwd_atomic_dq"] == 1, dict(c)
 
 
