@@ -109,19 +109,48 @@ def _load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK
     return x
 
 
+# Philox's multiplies as inline PTX: on NVIDIA GPUs, not in Triton's CPU interpreter (which cannot run PTX) nor
+# on ROCm. Decided at import from what the package was built for, without touching a GPU.
+_PTX_MUL_WIDE = tl.constexpr(not INTERPRETED and torch.version.hip is None)
+
+
+@triton.jit
+def _wide_product(c, MULTIPLIER: tl.constexpr, VISIBLE: tl.constexpr):
+    """(low, high) 32-bit halves of the 64-bit product of uint32 ``c`` and ``MULTIPLIER``.
+
+    One ``mul.wide.u32`` yields both. Written as a 64-bit product, LLVM (Triton 3.6-3.8's, at times 3.9's)
+    splits some of Philox's into a ``mul.hi.u32`` and a 64-bit ``mul.lo``, two SASS multiplies where one
+    IMAD.WIDE.U32 does; inline PTX pins the one, except where VISIBLE asks for the product LLVM can see through
+    (Philox's last round, whose low halves it multiplies by shifted constants to align the dropout bytes).
+    Both forms compute the same values: the Random123 known-answer test runs the plain one in the interpreter
+    and the PTX one on CUDA.
+    """
+    if _PTX_MUL_WIDE and not VISIBLE:
+        lo, hi = tl.inline_asm_elementwise(
+            "{ .reg .b64 t; mul.wide.u32 t, $2, $3; mov.b64 {$0, $1}, t; }",
+            "=r,=r,r,r",
+            [c, tl.full(c.shape, MULTIPLIER, tl.uint32)],
+            dtype=(tl.uint32, tl.uint32),
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        p = c.to(tl.uint64) * MULTIPLIER
+        lo, hi = p.to(tl.uint32), (p >> 32).to(tl.uint32)
+    return lo, hi
+
+
 @triton.jit
 def _philox(c0, c1, c2, c3, k0, k1):
     """Philox4x32-10 (Random123's philox4x32_10, what tl.philox computes) of uint32 counters under key (k0, k1).
 
-    Each round's two 32x32-bit products are taken as 64-bit products, one IMAD.WIDE.U32 each that yields both
-    halves, where tl.philox's separate high and low multiplies cost two instructions.
+    Each round's two 32x32-bit products are taken whole, one IMAD.WIDE.U32 each that yields both halves
+    (:func:`_wide_product`), where tl.philox's separate high and low multiplies cost two instructions.
     """
-    for _ in tl.static_range(10):
-        p0 = c0.to(tl.uint64) * 0xD2511F53
-        p2 = c2.to(tl.uint64) * 0xCD9E8D57
-        c0, c1, c2, c3 = (
-            (p2 >> 32).to(tl.uint32) ^ c1 ^ k0, p2.to(tl.uint32), (p0 >> 32).to(tl.uint32) ^ c3 ^ k1, p0.to(tl.uint32)
-        )
+    for i in tl.static_range(10):
+        lo0, hi0 = _wide_product(c0, 0xD2511F53, i == 9)
+        lo2, hi2 = _wide_product(c2, 0xCD9E8D57, i == 9)
+        c0, c1, c2, c3 = hi2 ^ c1 ^ k0, lo2, hi0 ^ c3 ^ k1, lo0
         k0 = tl.add(k0, 0x9E3779B9, sanitize_overflow=False)
         k1 = tl.add(k1, 0xBB67AE85, sanitize_overflow=False)
     return c0, c1, c2, c3
@@ -775,9 +804,10 @@ _PTXAS_CHOOSES_REGISTERS = {
     ("fwd", (64, 64, 4, 3)): 32,
     ("dq", (64, 64, 4, 3)): 0,
     # With the 8-bit dropout RNG at D = 64 with dropout (sm_90), Triton 3.9 spills 16 B at 255 registers and none
-    # uncapped, Triton 3.6 the other way round (8 B uncapped): the cap depends on the version. 3.7 and 3.8 take
-    # 3.9's choice spill-free (aot_check --full with each).
-    ("dkdv", (16, 16, 4, 2)): 64 if TRITON_VERSION <= (3, 6) else 32,
+    # uncapped, Triton 3.6 the other way round (8 B uncapped): the cap depends on the version. 3.8 takes 3.9's
+    # choice spill-free (aot_check --full); 3.7 did too until Philox's multiplies became inline PTX, after which
+    # it spilled 8 B uncapped and none capped, as 3.6 does.
+    ("dkdv", (16, 16, 4, 2)): 64 if TRITON_VERSION <= (3, 7) else 32,
 }
 _SMALL_PROBLEM = 256 * 256  # Tq * Tk up to this: the smallest tile, without benchmarking
 
