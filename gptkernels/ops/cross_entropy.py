@@ -316,11 +316,11 @@ def _linear_cross_entropy_fwd(
     # The row kernel's (3, N) outputs and the scalars _finish makes of them: one allocation.
     rows_out = torch.empty(3 * n + 3, dtype=torch.float32, device=dev)
     grad_dtype = _grad_dtype(hidden.dtype)
-    grad_hidden = torch.empty((n, c), dtype=grad_dtype, device=dev) if need_grad_hidden else None
+    grad_hidden = torch.empty(n, c, dtype=grad_dtype, device=dev) if need_grad_hidden else None
     acc = None
     if need_grad_weight:
         alloc = torch.empty if n > 0 else torch.zeros  # the first chunk overwrites it
-        acc = alloc((v, c), dtype=torch.float32, device=dev)
+        acc = alloc(v, c, dtype=torch.float32, device=dev)
     compute_grad = need_grad_hidden or need_grad_weight
 
     rows, padded, launch, message = _plan(n, v, hidden.dtype, chunk_rows, ignore_index)
@@ -328,7 +328,7 @@ def _linear_cross_entropy_fwd(
     # gradients' GEMMs: PyTorch's CPU bf16 GEMM reads past a row's end (multiplying it by zero), so
     # uninitialised padding that held a NaN made a whole row of grad_hidden NaN. cuBLAS reads only V columns.
     if compute_grad and not hidden.is_cuda:
-        logits_buf = torch.zeros((rows, padded), dtype=hidden.dtype, device=dev)[:, :v]
+        logits_buf = torch.zeros(rows, padded, dtype=hidden.dtype, device=dev)[:, :v]
     else:
         logits_buf = torch.empty_strided((rows, v), (padded, 1), dtype=hidden.dtype, device=dev)
     one_chunk = rows == n  # no slicing (each slice is a small op with its host cost)
